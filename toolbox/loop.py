@@ -1,0 +1,173 @@
+"""The training loop, one function for every rank. Ray specifics come in through a ``Session``.
+
+A Ray Train worker gets ``train_session()``; a single-process Tune trial gets ``tune_session()``
+(Ray refuses ``ray.train.report`` there), so the same loop serves ``toolbox.run`` and sweeps.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from toolbox.checkpoint import load_state, save_state
+from toolbox.data import TensorData
+from toolbox.losses import CRITERIA
+from toolbox.metrics import METRICS
+from toolbox.models import build_model
+from toolbox.optim import build_optimizer, build_scheduler
+
+EVAL_BATCH = 2048
+
+
+@dataclass
+class Session:
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None)
+    latest_checkpoint: Callable[[], Any]  # a ray/tune Checkpoint or None
+    prepare_model: Callable[[nn.Module], nn.Module]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+def train_session() -> Session:
+    """Edges for a Ray Train worker (TorchTrainer): ray.train.report, DDP via prepare_model."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    return Session(
+        rank=context.get_world_rank(), world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(), report=report,
+        latest_checkpoint=ray.train.get_checkpoint, prepare_model=ray.train.torch.prepare_model,
+    )
+
+
+def tune_session(use_gpu: bool) -> Session:
+    """Edges for a loop that runs inside a Tune function trial's own process (no worker group)."""
+    from ray import tune
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    return Session(0, 1, device, report, tune.get_checkpoint, lambda model: model.to(device))
+
+
+def _restore_state(session: Session, resume_from: str | None) -> dict | None:
+    """Ray's own latest checkpoint (a retried or re-run run) wins over --resume."""
+    checkpoint = session.latest_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+    return load_state(resume_from) if resume_from else None
+
+
+def train(config: dict, data: TensorData, session: Session, resume_from: str | None = None) -> None:
+    """Train for config["epochs"], reporting one row and one checkpoint per epoch."""
+    torch.manual_seed(config["seed"])  # same initial weights on every rank
+    model = build_model(config)
+    state = _restore_state(session, resume_from)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = session.prepare_model(model)
+    plain_model = model.module if hasattr(model, "module") else model
+    criterion = CRITERIA[config["criterion"]].build(config=config)
+    optimizer = build_optimizer(config, model.parameters())
+    per_rank = len(data.train_y) // session.world_size  # equal shards keep DDP ranks in step
+    steps_per_epoch = math.ceil(per_rank / config["batch_size"])
+    scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
+    start_epoch, global_step, best_val_loss = 0, 0, math.inf
+    torch.manual_seed(config["seed"] + 1 + session.rank)  # dropout differs per rank
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, global_step, best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
+        if session.rank == 0:
+            torch.set_rng_state(state["rng"]["torch"])
+    data = data.to(session.device)
+    first_step_time = None
+
+    for epoch in range(start_epoch, config["epochs"]):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch))
+        shard = order[: per_rank * session.world_size][session.rank :: session.world_size].to(session.device)
+        loss_sum = torch.zeros((), device=session.device)
+        for i in range(0, per_rank, config["batch_size"]):
+            if first_step_time is None:
+                first_step_time = time.time()
+            batch = shard[i : i + config["batch_size"]]
+            loss = criterion(model(data.normalize(data.train_x[batch])), data.train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if interval == "step":
+                scheduler.step()
+            loss_sum += loss.detach() * len(batch)
+            global_step += 1
+        if interval == "epoch":
+            scheduler.step()
+        train_loss = session.all_reduce(loss_sum).item() / (per_rank * session.world_size)
+        train_seconds = time.perf_counter() - started
+
+        val = evaluate(plain_model, criterion, data, config["metrics"], session)
+        best_val_loss = min(best_val_loss, val["val_loss"])
+        row = {
+            "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **val,
+            "epoch_s": time.perf_counter() - started,
+            "samples_per_s": per_rank * session.world_size / train_seconds,
+            "global_step": global_step, "steps_per_epoch": steps_per_epoch, "first_step_time": first_step_time,
+        }
+        state = {
+            "model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "global_step": global_step,
+            "rng": {"torch": torch.get_rng_state()}, "best_val_loss": best_val_loss,
+            "val_loss": val["val_loss"], "config": config,
+        }
+        _report(session, row, state)
+
+
+def _report(session: Session, row: dict, state: dict) -> None:
+    """Every rank reports (Ray waits for all); only rank 0 writes the checkpoint."""
+    if session.rank != 0:
+        session.report(row, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="toolbox-ckpt-") as directory:
+        save_state(directory, state)
+        session.report(row, directory)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, data: TensorData, metrics: list[str], session: Session) -> dict:
+    """Val loss and metrics over the *whole* val set: each rank sums its shard, then the sums are reduced."""
+    model.eval()
+    indices = torch.arange(session.rank, len(data.val_y), session.world_size, device=session.device)
+    sums = torch.zeros(2 + len(metrics), dtype=torch.float64, device=session.device)
+    for i in range(0, len(indices), EVAL_BATCH):
+        batch = indices[i : i + EVAL_BATCH]
+        logits, targets = model(data.normalize(data.val_x[batch])), data.val_y[batch]
+        sums[0] += criterion(logits, targets).double() * len(batch)
+        sums[1] += len(batch)
+        for j, name in enumerate(metrics):
+            sums[2 + j] += METRICS[name].fn(logits, targets).double()
+    sums = session.all_reduce(sums).tolist()
+    count = sums[1]
+    return {"val_loss": sums[0] / count, **{f"val_{name}": sums[2 + j] / count for j, name in enumerate(metrics)}}

@@ -1,0 +1,199 @@
+"""``python -m toolbox.run``: one training run on Ray Train (TorchTrainer, DDP over --workers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolbox import cluster
+from toolbox.checkpoint import find_checkpoint, load_state
+from toolbox.cli import Parser, add_config_flags, given_config
+from toolbox.config import check_against_data, check_components, resolve
+from toolbox.data import TensorData, build_dataset
+from toolbox.epochlog import LOG_FILE, EpochLog
+from toolbox.registry import ConfigError
+
+log = logging.getLogger("toolbox")
+
+EPILOG = """\
+outputs (in STORAGE/NAME/): training.log, epochs.csv, epochs.parquet, config.json and Ray
+checkpoints (checkpoint_*/state.pt: model, optimizer, scheduler, epoch, RNG, config), keeping the
+latest and the best by val loss. Re-running with the same --name resumes that run from its latest
+checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir or a run dir).
+"""
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m toolbox.run", description=__doc__.split(":", 1)[1].strip(),
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    ray_flags = parser.add_argument_group("ray")
+    ray_flags.add_argument("--workers", type=int, default=1, help="DDP workers (default: 1)")
+    ray_flags.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ray_flags.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (and torch threads) per worker (default: 1)")
+    ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
+    ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
+    ray_flags.add_argument("--address", help="an existing Ray cluster (default: start a private local one)")
+    ray_flags.add_argument("--resume", metavar="PATH", help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    ray_flags.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    return parser
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray starts."""
+
+    config: dict[str, Any]
+    args: argparse.Namespace
+    data: TensorData
+    run_dir: Path
+    resume_from: str | None
+
+
+def prepare(argv: list[str] | None) -> Plan:
+    """Parse and check everything, load the data: all the ways to fail happen here, before Ray."""
+    args = build_parser().parse_args(argv)
+    args.name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(args.storage).expanduser().resolve() / args.name
+    resume_path = args.resume or (str(run_dir) if run_dir.is_dir() and any(run_dir.rglob("state.pt")) else None)
+    state = None
+    if resume_path:
+        resume_path = str(find_checkpoint(resume_path))
+        state = load_state(resume_path)
+    config = resolve(given_config(args), base=state["config"] if state else None)
+    model = check_components(config)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
+    data = build_dataset(config)
+    check_against_data(config, model, data)
+    if not args.address:
+        cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
+    return Plan(config, args, data, run_dir, resume_path)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    import ray
+    import torch
+
+    from toolbox.loop import train, train_session
+
+    torch.set_num_threads(loop_config["threads"])
+    data = TensorData.from_shared(ray.get(loop_config["data"]))
+    train(loop_config["config"], data, train_session(), loop_config["resume_from"])
+
+
+def epoch_log_callback(run_dir: Path, epochs: int):
+    """A Ray Train callback, run in the controller on the driver's node, that writes the epoch table."""
+    from ray.train import UserCallback
+
+    class EpochLogCallback(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not hasattr(self, "log"):
+                self.log = EpochLog(run_dir, epochs)
+            self.log.append(metrics[0])
+
+    return EpochLogCallback()
+
+
+def follow(path: Path, stop: threading.Event) -> None:
+    """Echo lines appended to ``path`` until ``stop`` (the epoch lines, written by the controller)."""
+    offset = path.stat().st_size if path.exists() else 0
+    while True:
+        finished = stop.wait(0.5)
+        if path.exists():
+            with open(path) as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            for line in chunk.splitlines():
+                print(line.split(" ", 2)[-1], flush=True)  # drop the timestamp
+        if finished:
+            return
+
+
+def fit(plan: Plan):
+    """Start Ray and train; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    args, config = plan.args, plan.config
+    url = cluster.start(args.address, verbose=args.verbose)
+    if args.address:
+        resources = ray.cluster_resources()
+        cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu,
+                               cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
+    epoch_log = EpochLog(plan.run_dir)
+    epoch_log.log(f"config {json.dumps(config)}")
+    (plan.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if url:
+        log.info("Ray dashboard: %s", url)
+    if plan.resume_from:
+        log.info("resuming from %s", plan.resume_from)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config, "data": ray.put(plan.data.to_shared()),
+                           "resume_from": plan.resume_from, "threads": max(1, int(args.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=RunConfig(
+            name=args.name, storage_path=str(plan.run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            callbacks=[epoch_log_callback(plan.run_dir, config["epochs"])],
+        ),
+    )
+    stop = threading.Event()
+    echo = threading.Thread(target=follow, args=(plan.run_dir / LOG_FILE, stop), daemon=True)
+    echo.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        echo.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        plan = prepare(argv)
+    except ConfigError as exc:
+        print(f"toolbox.run: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("run %s: %s on %s, %d epochs, %d worker(s) -> %s", plan.args.name, plan.config["arch"],
+             plan.config["dataset"], plan.config["epochs"], plan.args.workers, plan.run_dir)
+    try:
+        result = fit(plan)
+    except ConfigError as exc:
+        print(f"toolbox.run: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
+        print(f"toolbox.run: training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]} "
+              "(re-run with --verbose for Ray's logs)", file=sys.stderr)
+        return 1
+    finally:
+        import ray
+
+        ray.shutdown()
+    best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
+    if best:
+        log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)
+    if result.checkpoint:
+        log.info("latest checkpoint: %s", result.checkpoint.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
