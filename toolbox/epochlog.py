@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 LOG_FILE, CSV_FILE, PARQUET_FILE = "training.log", "epochs.csv", "epochs.parquet"
 # Reported keys that are bookkeeping rather than epoch-table columns.
-HIDDEN = ("global_step", "steps_per_epoch", "first_step_time", "checkpoint_path")
+HIDDEN = ("first_step_time", "checkpoint_path")
 
 
 def format_row(row: dict, epochs: int | None = None) -> str:

@@ -79,6 +79,24 @@ def _restore_state(session: Session, resume_from: str | None) -> dict | None:
     return load_state(resume_from) if resume_from else None
 
 
+def _apply_new_hparams(state: dict, config: dict) -> None:
+    """Let a checkpoint from another config (PBT's exploit) continue with this config's optimizer values."""
+    old = state["config"]
+    if config.get("lr") and old.get("lr") and config["lr"] != old["lr"]:
+        ratio = config["lr"] / old["lr"]
+        for group in state["optimizer"]["param_groups"]:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= ratio
+        for key in ("base_lrs", "_last_lr"):
+            if key in state["scheduler"]:
+                state["scheduler"][key] = [value * ratio for value in state["scheduler"][key]]
+    for group in state["optimizer"]["param_groups"]:
+        for key in ("weight_decay", "momentum", "nesterov", "betas"):
+            if key in group and key in config and config[key] != old.get(key):
+                group[key] = config[key]
+
+
 def train(config: dict, data: TensorData, session: Session, resume_from: str | None = None) -> None:
     """Train for config["epochs"], reporting one row and one checkpoint per epoch."""
     torch.manual_seed(config["seed"])  # same initial weights on every rank
@@ -96,11 +114,15 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
     start_epoch, global_step, best_val_loss = 0, 0, math.inf
     torch.manual_seed(config["seed"] + 1 + session.rank)  # dropout differs per rank
     if state is not None:
+        _apply_new_hparams(state, config)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, global_step, best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
         if session.rank == 0:
             torch.set_rng_state(state["rng"]["torch"])
+    if state is not None and start_epoch >= config["epochs"]:
+        session.report(state["row"], None)  # already done (a re-run finished run or trial): say so again
+        return
     data = data.to(session.device)
     first_step_time = None
 
@@ -140,7 +162,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
             "model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "global_step": global_step,
             "rng": {"torch": torch.get_rng_state()}, "best_val_loss": best_val_loss,
-            "val_loss": val["val_loss"], "config": config,
+            "val_loss": val["val_loss"], "config": config, "row": row,
         }
         _report(session, row, state)
 

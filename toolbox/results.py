@@ -1,0 +1,158 @@
+"""What a sweep leaves behind: a ranked table, results.parquet/.csv, best.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from toolbox.config import TRAINING_KEYS, flag, resolve
+from toolbox.epochlog import read_rows
+from toolbox.optim import lr_schedule
+from toolbox.sweepfile import Sweep
+
+log = logging.getLogger("toolbox")
+
+
+def trial_rows(result_grid, sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per trial, best first: its swept values, best metric, epochs run, time, checkpoint."""
+    better = max if sweep.mode == "max" else min
+    rows = []
+    for result in result_grid:
+        history = read_rows(result.path) if result.path else []  # the trial's own epoch table
+        values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
+        epochs = int(history[-1]["epoch"]) if history else 0
+        config = sweep.trial_config(result.config or {})
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id", Path(result.path or "?").name),
+            "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
+            # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
+            **{key: _plain(config.get(key)) for key in sweep.space},
+            sweep.metric: better(values) if values else math.nan,
+            "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
+            "epochs": epochs,
+            "time_s": round(sum(row["epoch_s"] for row in history), 1),
+            "checkpoint": _best_checkpoint(result.path, history, sweep),
+            "trial_dir": result.path,
+        })
+    sign = -1 if sweep.mode == "max" else 1
+    rows.sort(key=lambda r: (math.isnan(r[sweep.metric]), sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0))
+    return rows
+
+
+def _best_checkpoint(trial_dir: str | None, history: list[dict], sweep: Sweep) -> str | None:
+    """The kept checkpoint (Tune's, or a Train-in-Tune trial's own) whose epoch scored best."""
+    if not trial_dir:
+        return None
+    score = {row["epoch"]: row.get(sweep.metric) for row in history}
+    kept = []
+    for meta in Path(trial_dir).rglob("meta.json"):
+        value = score.get(json.loads(meta.read_text())["epoch"])
+        if value is not None:
+            kept.append((value if sweep.mode == "max" else -value, str(meta.parent)))
+    return max(kept)[1] if kept else None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
+    """results.parquet/.csv, best.json and plots; returns best.json's content."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return None
+    table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
+    pq.write_table(table, out_dir / "results.parquet")
+    pacsv.write_csv(table, out_dir / "results.csv")
+    best = rows[0]
+    config = sweep.trial_config({k: v for k, v in best.items() if k in sweep.space})
+    summary = {"trial_id": best["trial_id"], "metric": sweep.metric, "mode": sweep.mode, "value": best[sweep.metric],
+               "best_epoch": best["best_epoch"], "checkpoint": best["checkpoint"], "config": config,
+               "command": retrain_command(config, f"{sweep.name}-best")}
+    (out_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+    try:
+        plot(rows, sweep, out_dir)
+    except Exception as exc:  # noqa: BLE001 - a plot must never cost the results
+        log.warning("plots skipped: %s", exc)
+    return summary
+
+
+def retrain_command(config: dict, name: str) -> str:
+    """``python -m toolbox.run ...`` with every key that differs from the defaults of the chosen components."""
+    selectors = {k: config[k] for k in TRAINING_KEYS}
+    defaults = resolve(selectors)
+    words = ["python", "-m", "toolbox.run"]
+    for key, value in config.items():
+        if key in ("arch", "dataset", "optimizer", "scheduler", "epochs") or value != defaults.get(key):
+            if isinstance(value, bool):
+                words.append(flag(key) if value else "--no-" + flag(key)[2:])
+            else:
+                words += [flag(key), *map(str, value if isinstance(value, (tuple, list)) else [value])]
+    return shlex.join(words + ["--name", name])
+
+
+def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
+    """The ranked table printed at the end of a sweep."""
+    swept = list(sweep.space)
+    header = ["rank", "trial", *swept, sweep.metric, "epochs", "time_s", "status"]
+    lines = [[str(i + 1), str(r["trial_id"]), *(_cell(r.get(k)) for k in swept), _cell(r[sweep.metric]),
+              str(r["epochs"]), f"{r['time_s']:.0f}", r["status"]] for i, r in enumerate(rows[:limit])]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)] if lines else [len(h) for h in header]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    if len(rows) > limit:
+        out.append(f"... {len(rows) - limit} more in results.csv")
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
+    """plots/val_metric.png: the metric per epoch of every trial; plots/lr_schedule.png: the top trials' LR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, row in enumerate(rows):
+        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        if history and sweep.metric in history[0]:
+            ax.plot([h["epoch"] for h in history], [h[sweep.metric] for h in history],
+                    alpha=1.0 if rank < top else 0.35, lw=2 if rank < top else 1,
+                    label=f"#{rank + 1} {row['trial_id']}" if rank < top else None)
+    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(plots / "val_metric.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, row in enumerate(rows[:top]):
+        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        config = sweep.trial_config({k: v for k, v in row.items() if k in sweep.space})
+        steps = history[0].get("steps_per_epoch") if history else None
+        steps = steps or 100
+        lrs = lr_schedule(config, steps)
+        ax.plot([i / steps for i in range(len(lrs))], lrs, label=f"#{rank + 1} {config['optimizer']}/{config['scheduler']}")
+    ax.set(xlabel="epoch", ylabel="learning rate", yscale="log", title=f"{sweep.name}: LR schedule of the top {min(top, len(rows))} trials")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

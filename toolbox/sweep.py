@@ -1,0 +1,179 @@
+"""``python -m toolbox.sweep SWEEP_FILE``: Ray Tune over a sweep file's search space.
+
+Re-running the same command continues an interrupted sweep (finished trials are never re-run);
+``--restart`` starts it afresh. At the end (and on Ctrl-C) the ranked table is printed and
+STORAGE/NAME/ gets results.parquet, results.csv, best.json and plots/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from toolbox import cluster, results
+from toolbox.cli import Parser, add_config_flags, given_config
+from toolbox.config import check_against_data, check_components
+from toolbox.data import build_dataset
+from toolbox.registry import ConfigError
+from toolbox.sweepfile import Sweep, load
+from toolbox.trial import TRAIN_DRIVER_RESOURCE, run_trial
+
+log = logging.getLogger("toolbox")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m toolbox.sweep", description=__doc__.split("\n")[0].split(": ", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("sweep_file", help="a sweep file, e.g. sweeps/lr_sched.py")
+    fields = parser.add_argument_group("sweep fields (override the sweep file)")
+    fields.add_argument("--num-samples", type=int)
+    fields.add_argument("--epochs", type=int, help="epochs per trial (the most a trial can run)")
+    fields.add_argument("--metric")
+    fields.add_argument("--mode", choices=["min", "max"])
+    fields.add_argument("--trial-scheduler", help="asha, fifo, hyperband, median_stopping, pbt")
+    fields.add_argument("--search", help="random (grid values are crossed) or optuna")
+    fields.add_argument("--workers-per-trial", type=int)
+    fields.add_argument("--cpus-per-worker", type=float)
+    fields.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
+    fields.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
+    runtime = parser.add_argument_group("ray")
+    runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
+    runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
+    runtime.add_argument("--address", help="an existing Ray cluster (default: start a private local one)")
+    runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
+    runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
+    runtime.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    base = argparse.ArgumentParser(add_help=False)
+    add_config_flags(base)  # any run key, as a base-config override: --mnist-root, --batch-size, ...
+    for group in base._action_groups[2:]:
+        parser._action_groups.append(group)
+        for action in group._group_actions:
+            if action.dest not in {"epochs", "seed"}:
+                parser._add_action(action)
+    return parser
+
+
+def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    overrides = {name: getattr(args, name) for name in (
+        "num_samples", "epochs", "metric", "mode", "trial_scheduler", "search", "workers_per_trial",
+        "cpus_per_worker", "gpus_per_trial", "max_concurrent", "name")}
+    base_overrides = given_config(args)
+    base_overrides.pop("epochs", None)
+    base_overrides.pop("seed", None)
+    if args.seed is not None:
+        base_overrides["seed"] = args.seed
+    sweep = load(args.sweep_file, overrides, base_overrides)
+    if not args.address:
+        cluster.check_capacity(sweep.workers_per_trial, sweep.cpus_per_worker, sweep.gpus_per_trial > 0,
+                               gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial)
+    return sweep, args
+
+
+def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
+    if sweep.max_concurrent:
+        return sweep.max_concurrent
+    fits = [cpus // (sweep.workers_per_trial * sweep.cpus_per_worker)]
+    if sweep.gpus_per_trial:
+        fits.append(gpus // sweep.gpus_per_trial)
+    return max(1, int(min(fits)))
+
+
+def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float, progress):
+    from ray import tune
+
+    from toolbox.tuning import search_algorithm, trial_scheduler
+
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp_dir)
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    max_concurrent = concurrency(sweep, cpus, gpus)
+    return tune.Tuner(
+        trainable,
+        param_space=dict(sweep.space),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+            search_alg=search_algorithm(sweep, max_concurrent), scheduler=trial_scheduler(sweep),
+            reuse_actors=sweep.workers_per_trial == 1,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=str(exp_dir.parent), verbose=0, callbacks=[progress],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric,
+                                                    checkpoint_score_order=sweep.mode),
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+
+
+def run(sweep: Sweep, args: argparse.Namespace) -> int:
+    import ray
+    from ray import tune
+
+    from toolbox.tuning import Progress
+
+    config = sweep.trial_config({})
+    model = check_components(config)
+    data = build_dataset(config)
+    check_against_data(config, model, data)
+    exp_dir = Path(args.storage).expanduser().resolve() / sweep.name
+    if args.restart and exp_dir.exists():
+        log.info("--restart: removing %s", exp_dir)
+        shutil.rmtree(exp_dir)
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
+    url = cluster.start(args.address, verbose=args.verbose, extra_resources={TRAIN_DRIVER_RESOURCE: 1000})
+    if url:
+        log.info("Ray dashboard: %s", url)
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if sweep.workers_per_trial == 1:
+        trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
+    else:  # the trial function only drives its TorchTrainer's workers
+        trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp_dir=str(exp_dir)),
+                                    trial_resources)
+    progress = Progress(sweep)
+    started = time.time()
+    log.info("sweep %s: %d trials x <= %d epochs, %s + %s, metric %s (%s) -> %s", sweep.name, sweep.num_samples,
+             sweep.epochs, sweep.search, sweep.trial_scheduler, sweep.metric, sweep.mode, exp_dir)
+    tuner = make_tuner(sweep, trainable, exp_dir, cpus, gpus, progress)
+    interrupted = False
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        grid = tune.Tuner.restore(str(exp_dir), trainable).get_results()
+    rows = results.trial_rows(grid, sweep)
+    print(results.format_table(rows, sweep), flush=True)
+    best = results.write(rows, sweep, exp_dir)
+    log.info("wall time %.0f s; results: %s/results.parquet (.csv), best.json, plots/", time.time() - started, exp_dir)
+    if best and not math.isnan(best["value"]):
+        log.info("best %s %.4f (trial %s, epoch %d); checkpoint %s", sweep.metric, best["value"], best["trial_id"],
+                 best["best_epoch"], best["checkpoint"])
+        log.info("re-train it with:\n  %s", best["command"])
+    if interrupted or progress.interrupted:
+        log.info("interrupted: re-run the same command to continue the sweep")
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        sweep, args = prepare(argv)
+        return run(sweep, args)
+    except ConfigError as exc:
+        print(f"toolbox.sweep: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

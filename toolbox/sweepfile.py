@@ -1,0 +1,169 @@
+"""Sweep files: plain Python modules in sweeps/, read into a checked ``Sweep``.
+
+A sweep file sets module-level names (every one is optional except ``space``)::
+
+    from ray import tune
+    base = {"dataset": "MNIST", "mnist_download": True}       # toolbox.run keys, fixed for all trials
+    space = {"optimizer": tune.choice(["adamw", "sgd"]),      # the same keys, with Tune domains
+             "lr": tune.loguniform(1e-4, 1e-2),
+             "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
+    metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10
+    trial_scheduler = "asha"   # fifo, hyperband, median_stopping, pbt
+    search = "random"          # random (grid_search values are crossed), optuna
+    workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
+
+Everything is checked here, before Ray starts: a typo must not cost a 30-minute sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolbox.config import all_keys, check_components, flag, resolve
+from toolbox.data import DATASETS
+from toolbox.registry import ConfigError, nearest
+
+TRIAL_SCHEDULERS = ("asha", "fifo", "hyperband", "median_stopping", "pbt")
+SEARCHES = ("random", "optuna")
+
+
+@dataclass
+class Sweep:
+    space: dict[str, Any]
+    name: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_top_1_accuracy"
+    mode: str = "max"
+    num_samples: int = 16
+    epochs: int = 10
+    trial_scheduler: str = "asha"
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"grace_period": 2}
+    search: str = "random"
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0  # 0: as many as the resources allow
+
+    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's full run config from its sampled params (keys its components don't take are dropped)."""
+        return resolve({**self.base, **params, "epochs": self.epochs}, strict=False)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> Sweep:
+    """Import a sweep file, apply CLI overrides of fields (None: left alone) and of base keys, and check it."""
+    path = Path(path)
+    values = _import(path)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep field {unknown[0]!r}{nearest(unknown[0], list(FIELDS))}; fields: {', '.join(FIELDS)}")
+    if "space" not in values:
+        raise ConfigError(f"{path}: no `space` defined (a dict of run keys to Tune domains)")
+    values.setdefault("name", path.stem)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["base"] = {**values.get("base", {}), **(base_overrides or {})}
+    sweep = Sweep(**values)
+    check(sweep, str(path))
+    return sweep
+
+
+def _import(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"toolbox_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line naming file and line
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path.resolve() or f.filename == str(path)]
+        where = f"{path}:{frames[-1].lineno}" if frames else (f"{path}:{exc.lineno}" if isinstance(exc, SyntaxError) else str(path))
+        raise ConfigError(f"{where}: cannot import the sweep file: {type(exc).__name__}: {exc}") from None
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and not isinstance(v, type(dataclasses)) and not callable(v)}
+
+
+def check(sweep: Sweep, where: str) -> None:
+    """Every key known, every value accepted by its component, the metric reported, resources sane."""
+    keys = all_keys()
+    for key in list(sweep.base) + list(sweep.space):
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key {key!r}{nearest(key, list(keys))}")
+    if "epochs" in sweep.base or "epochs" in sweep.space:
+        raise ConfigError(f"{where}: set the trials' epochs with the sweep field `epochs`, not in base/space")
+    dataset_keys = {p.key for d in DATASETS for p in d.params} | {"dataset", "seed"}
+    swept_data = sorted(dataset_keys & set(sweep.space))
+    if swept_data:
+        raise ConfigError(f"{where}: {swept_data[0]!r} cannot be swept: the data is loaded once and shared by all trials")
+    _check_fields(sweep, where)
+    for params in candidate_params(sweep.space):
+        try:
+            check_components(sweep.trial_config(params))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
+    reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in sweep.trial_config({})["metrics"]}
+    if sweep.metric not in reported:
+        raise ConfigError(f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
+                          f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})")
+
+
+def _check_fields(sweep: Sweep, where: str) -> None:
+    for name in ("num_samples", "epochs", "workers_per_trial"):
+        if not isinstance(getattr(sweep, name), int) or getattr(sweep, name) <= 0:
+            raise ConfigError(f"{where}: {name} must be a positive integer, got {getattr(sweep, name)!r}")
+    if sweep.mode not in ("min", "max"):
+        raise ConfigError(f"{where}: mode must be 'min' or 'max', got {sweep.mode!r}")
+    for name, choices in (("trial_scheduler", TRIAL_SCHEDULERS), ("search", SEARCHES)):
+        value = getattr(sweep, name)
+        if value not in choices:
+            raise ConfigError(f"{where}: {name} {value!r} is not one of {', '.join(choices)}{nearest(str(value), list(choices))}")
+    if sweep.cpus_per_worker <= 0 or sweep.gpus_per_trial < 0 or sweep.max_concurrent < 0:
+        raise ConfigError(f"{where}: cpus_per_worker must be > 0, gpus_per_trial and max_concurrent >= 0")
+    if sweep.trial_scheduler == "pbt" and sweep.workers_per_trial != 1:
+        raise ConfigError(f"{where}: pbt needs workers_per_trial = 1 (it swaps trial checkpoints in process)")
+    if sweep.search == "optuna":
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError(f"{where}: search 'optuna' needs optuna: pip install 'toolbox[optuna]'")
+        if any(_is_grid(v) for v in sweep.space.values()):
+            raise ConfigError(f"{where}: optuna cannot take tune.grid_search values; use tune.choice")
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"grid_search"}
+
+
+def _values(domain: Any) -> list[Any]:
+    """Representative values of one space entry: every category or grid value, a range's two ends."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    if _is_grid(domain):
+        return list(domain["grid_search"])
+    if isinstance(domain, Categorical):
+        return list(domain.categories)
+    if isinstance(domain, Float):
+        return [domain.lower, domain.upper]
+    if isinstance(domain, Integer):
+        return [domain.lower, domain.upper - 1]
+    if hasattr(domain, "sample") and hasattr(domain, "domain_str"):
+        return []  # sample_from and friends: checked when the trial resolves it
+    return [domain]
+
+
+def candidate_params(space: dict[str, Any], limit: int = 512) -> list[dict[str, Any]]:
+    """Trial params covering every categorical choice, pairing each with the ranges' ends."""
+    keys = [k for k in space if _values(space[k])]
+    columns = [_values(space[k]) for k in keys]
+    combos = itertools.islice(itertools.product(*columns), limit)
+    return [dict(zip(keys, combo)) for combo in combos]
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
+

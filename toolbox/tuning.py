@@ -1,0 +1,90 @@
+"""Tune pieces chosen by name in a sweep file: search algorithm, trial scheduler, console progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from toolbox.sweepfile import Sweep
+
+log = logging.getLogger("toolbox")
+
+
+def search_algorithm(sweep: Sweep, max_concurrent: int):
+    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9)."""
+    seed = sweep.base.get("seed", 0)
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+
+
+def trial_scheduler(sweep: Sweep):
+    """Early stopping by name; ``scheduler_options`` in the sweep file go to the constructor."""
+    common = {"time_attr": "training_iteration"}  # one iteration = one epoch
+    options = dict(sweep.scheduler_options)
+    if sweep.trial_scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(**common, max_t=sweep.epochs, **{"grace_period": 1, "reduction_factor": 3} | options)
+    if sweep.trial_scheduler == "hyperband":
+        return tune.schedulers.HyperBandScheduler(**common, max_t=sweep.epochs, **{"reduction_factor": 3} | options)
+    if sweep.trial_scheduler == "median_stopping":
+        return tune.schedulers.MedianStoppingRule(**common, **{"grace_period": 1, "min_samples_required": 3} | options)
+    if sweep.trial_scheduler == "pbt":
+        mutations = {k: v for k, v in sweep.space.items() if hasattr(v, "sample") or isinstance(v, list)}
+        return tune.schedulers.PopulationBasedTraining(
+            **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options)
+    return tune.schedulers.FIFOScheduler()
+
+
+class Progress(tune.Callback):
+    """One console line per finished trial, and a status line at most every 30 s."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self.best: dict[str, float] = {}
+        self.epochs: dict[str, int] = {}
+        self.done = 0
+        self.last_status = time.time()
+        self.interrupted = False
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.sweep.mode == "max" else a < b)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.sweep.metric)
+        if value is not None and self._better(value, self.best.get(trial.trial_id)):
+            self.best[trial.trial_id] = value
+        self.epochs[trial.trial_id] = result.get("epoch", 0)
+        if time.time() - self.last_status > 30:
+            self.last_status = time.time()
+            running = sum(t.status == "RUNNING" for t in trials)
+            overall = [v for v in self.best.values()]
+            top = (max if self.sweep.mode == "max" else min)(overall) if overall else float("nan")
+            log.info("... %d/%d trials finished, %d running, best %s so far %.4f", self.done, self.sweep.num_samples,
+                     running, self.sweep.metric, top)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, f"FAILED (see {trial.local_path}/error.txt)")
+
+    def _line(self, trial, what: str) -> None:
+        self.done += 1
+        swept = ", ".join(f"{k}={_short(trial.config.get(k))}" for k in self.sweep.space)
+        best = self.best.get(trial.trial_id)
+        log.info("[%d/%d] trial %s %s after %d epochs: best %s %s | %s", self.done, self.sweep.num_samples, trial.trial_id,
+                 what, self.epochs.get(trial.trial_id, 0), self.sweep.metric,
+                 "-" if best is None else f"{best:.4f}", swept)
+
+    def on_experiment_end(self, trials, **info):
+        self.interrupted = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
