@@ -16,9 +16,8 @@ base = {
 }
 space = {
     "optimizer": tune.choice(["adamw", "adam", "sgd"]),
-    # sgd's useful lrs sit ~10-30x higher than Adam's; sampled per trial and scaled in the trial? No:
-    # one log-range covering both keeps the space honest, and ASHA prunes the misfits early.
-    "lr": tune.loguniform(3e-4, 1e-1),
+    # Per-optimizer ranges: the trial takes the one of the optimizer it drew.
+    "lr": {"adamw": tune.loguniform(3e-4, 3e-3), "adam": tune.loguniform(3e-4, 3e-3), "sgd": tune.loguniform(1e-2, 1e-1)},
     "weight_decay": tune.loguniform(1e-5, 5e-2),
     "momentum": tune.uniform(0.85, 0.95),  # only the sgd trials take it
     "nesterov": tune.choice([True, False]),  # sgd only

@@ -137,10 +137,16 @@ def _not_taken(key: str, config: dict) -> str:
 
 def check_components(config: dict) -> torch.nn.Module:
     """Build every component once on the CPU, so value errors surface before Ray starts."""
-    model = MODELS[config["arch"]].build(config=config)
-    CRITERIA[config["criterion"]].build(config=config)
-    optimizer = OPTIMIZERS[config["optimizer"]].build(model.parameters(), config=config)
-    SCHEDULERS[config["scheduler"]].build(optimizer, 1, config["epochs"], config=config)
+    try:
+        model = MODELS[config["arch"]].build(config=config)
+        CRITERIA[config["criterion"]].build(config=config)
+        optimizer = OPTIMIZERS[config["optimizer"]].build(model.parameters(), config=config)
+        SCHEDULERS[config["scheduler"]].build(optimizer, 10, config["epochs"], config=config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as exc:  # torch's own checks of the values
+        chosen = ", ".join(f"{r.selector}={config[r.selector]}" for r in KINDS)
+        raise ConfigError(f"{chosen}: {type(exc).__name__}: {exc}") from None
     return model
 
 

@@ -116,10 +116,12 @@ def one_cycle_lr(optimizer, steps_per_epoch: int, epochs: int, /, *,
                  warmup_epochs: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4):
     """torch's OneCycleLR peaking at --lr after warmup_epochs (cosine up, cosine down)."""
     total = steps_per_epoch * epochs
-    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+    # torch needs >= 2 warmup steps and >= 1 annealing step; the extra step keeps the last lr defined.
+    warmup = min(max(_warmup_steps(warmup_epochs, steps_per_epoch, total), 2), max(2, total - 1))
+    total_steps = max(total + 1, warmup + 2)
     max_lrs = [group["lr"] for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lrs, total_steps=total + 1, pct_start=max(warmup, 1) / (total + 1),
+        optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=warmup / total_steps,
         div_factor=div_factor, final_div_factor=final_div_factor,
     )
 

@@ -21,7 +21,7 @@ from toolbox.sweepfile import Sweep
 log = logging.getLogger("toolbox")
 
 
-def trial_rows(result_grid, sweep: Sweep) -> list[dict[str, Any]]:
+def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per trial, best first: its swept values, best metric, epochs run, time, checkpoint."""
     better = max if sweep.mode == "max" else min
     rows = []
@@ -30,8 +30,9 @@ def trial_rows(result_grid, sweep: Sweep) -> list[dict[str, Any]]:
         values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
         epochs = int(history[-1]["epoch"]) if history else 0
         config = sweep.trial_config(result.config or {})
+        trial_id = (result.metrics or {}).get("trial_id", Path(result.path or "?").name)
         rows.append({
-            "trial_id": (result.metrics or {}).get("trial_id", Path(result.path or "?").name),
+            "trial_id": trial_id,
             "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
             # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
             **{key: _plain(config.get(key)) for key in sweep.space},
@@ -39,6 +40,7 @@ def trial_rows(result_grid, sweep: Sweep) -> list[dict[str, Any]]:
             "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
             "epochs": epochs,
             "time_s": round(sum(row["epoch_s"] for row in history), 1),
+            "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
             "checkpoint": _best_checkpoint(result.path, history, sweep),
             "trial_dir": result.path,
         })

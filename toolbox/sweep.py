@@ -42,6 +42,8 @@ def build_parser() -> Parser:
     fields.add_argument("--cpus-per-worker", type=float)
     fields.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
     fields.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
+    fields.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run 1-worker trials in the trial process (default) or via a TorchTrainer")
     runtime = parser.add_argument_group("ray")
     runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
     runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
@@ -63,7 +65,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     overrides = {name: getattr(args, name) for name in (
         "num_samples", "epochs", "metric", "mode", "trial_scheduler", "search", "workers_per_trial",
-        "cpus_per_worker", "gpus_per_trial", "max_concurrent", "name")}
+        "cpus_per_worker", "gpus_per_trial", "max_concurrent", "in_process", "name")}
     base_overrides = given_config(args)
     base_overrides.pop("epochs", None)
     base_overrides.pop("seed", None)
@@ -100,7 +102,7 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
             search_alg=search_algorithm(sweep, max_concurrent), scheduler=trial_scheduler(sweep),
-            reuse_actors=sweep.workers_per_trial == 1,
+            reuse_actors=sweep.trials_in_process,
         ),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(exp_dir.parent), verbose=0, callbacks=[progress],
@@ -131,7 +133,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         log.info("Ray dashboard: %s", url)
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if sweep.workers_per_trial == 1:
+    if sweep.trials_in_process:
         trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
     else:  # the trial function only drives its TorchTrainer's workers
         trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
@@ -148,7 +150,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         grid = tune.Tuner.restore(str(exp_dir), trainable).get_results()
-    rows = results.trial_rows(grid, sweep)
+    rows = results.trial_rows(grid, sweep, progress.startup_s)
     print(results.format_table(rows, sweep), flush=True)
     best = results.write(rows, sweep, exp_dir)
     log.info("wall time %.0f s; results: %s/results.parquet (.csv), best.json, plots/", time.time() - started, exp_dir)

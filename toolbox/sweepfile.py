@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolbox.config import all_keys, check_components, flag, resolve
+from toolbox.config import KINDS, TRAINING_OPTIONS, all_keys, check_components, flag, resolve
 from toolbox.data import DATASETS
 from toolbox.registry import ConfigError, nearest
 
 TRIAL_SCHEDULERS = ("asha", "fifo", "hyperband", "median_stopping", "pbt")
 SEARCHES = ("random", "optuna")
+DEFAULTS = {o.key: o.default for o in TRAINING_OPTIONS}
 
 
 @dataclass
@@ -49,13 +50,39 @@ class Sweep:
     cpus_per_worker: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int = 0  # 0: as many as the resources allow
+    # One-worker trials run the loop in the trial's own process (no worker group: ~20 s saved per
+    # trial). False runs them through a TorchTrainer, like multi-worker trials.
+    in_process: bool = True
+
+    @property
+    def trials_in_process(self) -> bool:
+        return self.in_process and self.workers_per_trial == 1
 
     def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial's full run config from its sampled params (keys its components don't take are dropped)."""
-        return resolve({**self.base, **params, "epochs": self.epochs}, strict=False)
+        return resolve(pick_per_component({**self.base, **params, "epochs": self.epochs}), strict=False)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
+
+
+def owner(key: str):
+    """The registry whose components take ``key`` (None for general keys)."""
+    return next((registry for registry in KINDS if registry.owners(key)), None)
+
+
+def pick_per_component(params: dict[str, Any]) -> dict[str, Any]:
+    """Resolve per-component values: ``{"lr": {"adamw": 1e-3, "sgd": 0.05}}`` -> the chosen optimizer's lr."""
+    out = dict(params)
+    for key, value in params.items():
+        registry = owner(key)
+        if isinstance(value, dict) and registry is not None:
+            chosen = params.get(registry.selector, DEFAULTS[registry.selector])
+            if chosen in value:
+                out[key] = value[chosen]
+            else:
+                del out[key]
+    return out
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> Sweep:
@@ -96,6 +123,15 @@ def check(sweep: Sweep, where: str) -> None:
     for key in list(sweep.base) + list(sweep.space):
         if key not in keys:
             raise ConfigError(f"{where}: unknown key {key!r}{nearest(key, list(keys))}")
+    for key, value in sweep.space.items():
+        registry = owner(key)
+        if isinstance(value, dict) and not _is_grid(value):
+            takers = registry.owners(key) if registry else []
+            for component in value:
+                if component not in takers:
+                    raise ConfigError(f"{where}: space[{key!r}] is per-component, but {component!r} is not a "
+                                      f"{registry.kind if registry else 'component'} that takes {key!r}"
+                                      f"{nearest(str(component), takers)}; those are: {', '.join(takers) or 'none'}")
     if "epochs" in sweep.base or "epochs" in sweep.space:
         raise ConfigError(f"{where}: set the trials' epochs with the sweep field `epochs`, not in base/space")
     dataset_keys = {p.key for d in DATASETS for p in d.params} | {"dataset", "seed"}
@@ -126,8 +162,8 @@ def _check_fields(sweep: Sweep, where: str) -> None:
             raise ConfigError(f"{where}: {name} {value!r} is not one of {', '.join(choices)}{nearest(str(value), list(choices))}")
     if sweep.cpus_per_worker <= 0 or sweep.gpus_per_trial < 0 or sweep.max_concurrent < 0:
         raise ConfigError(f"{where}: cpus_per_worker must be > 0, gpus_per_trial and max_concurrent >= 0")
-    if sweep.trial_scheduler == "pbt" and sweep.workers_per_trial != 1:
-        raise ConfigError(f"{where}: pbt needs workers_per_trial = 1 (it swaps trial checkpoints in process)")
+    if sweep.trial_scheduler == "pbt" and not sweep.trials_in_process:
+        raise ConfigError(f"{where}: pbt needs in-process trials (workers_per_trial = 1): it swaps trial checkpoints")
     if sweep.search == "optuna":
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError(f"{where}: search 'optuna' needs optuna: pip install 'toolbox[optuna]'")
@@ -145,6 +181,9 @@ def _values(domain: Any) -> list[Any]:
 
     if _is_grid(domain):
         return list(domain["grid_search"])
+    if isinstance(domain, dict):  # per-component values: every component's ends together
+        ends = {component: _values(sub) for component, sub in domain.items()}
+        return [{c: v[0] for c, v in ends.items() if v}, {c: v[-1] for c, v in ends.items() if v}]
     if isinstance(domain, Categorical):
         return list(domain.categories)
     if isinstance(domain, Float):

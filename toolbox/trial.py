@@ -32,7 +32,7 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp_dir: str)
     trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
     epoch_log = EpochLog(trial_dir, config["epochs"])
     epoch_log.log(f"trial started: {config}")
-    if sweep.workers_per_trial == 1:
+    if sweep.trials_in_process:
         _train_in_process(config, sweep, data[0], epoch_log)
     else:
         _train_with_workers(config, sweep, data[0], trial_dir)

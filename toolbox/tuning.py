@@ -49,13 +49,21 @@ class Progress(tune.Callback):
         self.best: dict[str, float] = {}
         self.epochs: dict[str, int] = {}
         self.done = 0
+        self.started: dict[str, float] = {}
+        self.startup_s: dict[str, float] = {}  # Tune starting the trial -> its first training step
         self.last_status = time.time()
         self.interrupted = False
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.sweep.mode == "max" else a < b)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.time()
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        first_step = result.get("first_step_time")
+        if first_step and trial.trial_id in self.started and trial.trial_id not in self.startup_s:
+            self.startup_s[trial.trial_id] = first_step - self.started[trial.trial_id]
         value = result.get(self.sweep.metric)
         if value is not None and self._better(value, self.best.get(trial.trial_id)):
             self.best[trial.trial_id] = value
@@ -76,7 +84,8 @@ class Progress(tune.Callback):
 
     def _line(self, trial, what: str) -> None:
         self.done += 1
-        swept = ", ".join(f"{k}={_short(trial.config.get(k))}" for k in self.sweep.space)
+        config = self.sweep.trial_config(trial.config)
+        swept = ", ".join(f"{k}={_short(config[k])}" for k in self.sweep.space if k in config)
         best = self.best.get(trial.trial_id)
         log.info("[%d/%d] trial %s %s after %d epochs: best %s %s | %s", self.done, self.sweep.num_samples, trial.trial_id,
                  what, self.epochs.get(trial.trial_id, 0), self.sweep.metric,

@@ -1,0 +1,46 @@
+"""Fixtures shared by the test modules. Ray and torch are real everywhere; data is tiny."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # toolbox importable without an install
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> tuple[Path, dict]:
+    """ROOT with MNIST/raw/ holding four small IDX files (64 train, 32 val images); and the tensors written."""
+    from helpers import write_tiny_mnist
+
+    root = tmp_path_factory.mktemp("mnist")
+    return root, write_tiny_mnist(root)
+
+
+class RayStarted(BaseException):
+    """Raised instead of starting Ray; a BaseException so that main()'s ``except Exception`` cannot swallow it."""
+
+
+@pytest.fixture
+def ray_never_starts(monkeypatch) -> None:
+    """Fail the test if toolbox.run tries to start Ray (bad input must be refused before that)."""
+    import toolbox.cluster
+
+    def start(*args, **kwargs):
+        raise RayStarted(f"toolbox.cluster.start{args} was called")
+
+    monkeypatch.setattr(toolbox.cluster, "start", start)
+
+
+@pytest.fixture
+def shutdown_ray():
+    """After a test that ran Ray in this process: make sure it is shut down (a timeout can skip main's own)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
