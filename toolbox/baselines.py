@@ -51,12 +51,14 @@ def original_pipeline_samples_per_s(root: str, batch_size: int, batches: int = 1
     import torchvision
     from torchvision import transforms
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,)),
-                                    transforms.Lambda(torch.flatten)])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,)), transforms.Lambda(torch.flatten)]
+    )
     dataset = torchvision.datasets.MNIST(root, train=True, download=False, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     started, seen = time.perf_counter(), 0
     for i, (x, y) in enumerate(loader):
@@ -72,19 +74,26 @@ def original_pipeline_samples_per_s(root: str, batch_size: int, batches: int = 1
 
 def local_session(report) -> Session:
     """A Session with no Ray: one process, CPU, reports to ``report(metrics)``."""
-    return Session(0, 1, torch.device("cpu"), lambda metrics, _checkpoint: report(metrics),
-                   lambda: None, lambda model: model)
+    return Session(0, 1, torch.device("cpu"), lambda metrics, _checkpoint: report(metrics), lambda: None, lambda model: model)
 
 
-def optuna_sweep(configs: list[dict], data: TensorData, metric: str, mode: str, concurrency: int,
-                 grace_epochs: int = 2, reduction_factor: int = 2) -> dict:
+def optuna_sweep(
+    configs: list[dict],
+    data: TensorData,
+    metric: str,
+    mode: str,
+    concurrency: int,
+    grace_epochs: int = 2,
+    reduction_factor: int = 2,
+) -> dict:
     """Run ``configs`` as an Optuna study (threads, 1 torch thread each) with successive halving."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize",
-                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=grace_epochs,
-                                                                              reduction_factor=reduction_factor))
+    study = optuna.create_study(
+        direction="maximize" if mode == "max" else "minimize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=grace_epochs, reduction_factor=reduction_factor),
+    )
     for index in range(len(configs)):
         study.enqueue_trial({"index": index})
     epochs_run = []
@@ -112,7 +121,10 @@ def optuna_sweep(configs: list[dict], data: TensorData, metric: str, mode: str, 
     study.optimize(objective, n_trials=len(configs), n_jobs=concurrency)
     wall = time.perf_counter() - started
     values = [t.value for t in study.trials if t.value is not None]
-    pruned_best = [max(t.intermediate_values.values()) if mode == "max" else min(t.intermediate_values.values())
-                   for t in study.trials if t.intermediate_values]
+    pruned_best = [
+        max(t.intermediate_values.values()) if mode == "max" else min(t.intermediate_values.values())
+        for t in study.trials
+        if t.intermediate_values
+    ]
     best = (max if mode == "max" else min)(values + pruned_best)
     return {"wall_s": wall, "epochs": len(epochs_run), "compute_s": sum(epochs_run), "best": best}

@@ -36,26 +36,40 @@ class Table:
 
     def add(self, figure: str, toolbox: float, baseline: float, unit: str, target: str, ok: bool | None, note: str = ""):
         ratio = toolbox / baseline if baseline else float("nan")
-        row = {"figure": figure, "toolbox": toolbox, "baseline": baseline, "unit": unit, "ratio": ratio,
-               "target": target, "ok": ok, "note": note}
+        row = {
+            "figure": figure,
+            "toolbox": toolbox,
+            "baseline": baseline,
+            "unit": unit,
+            "ratio": ratio,
+            "target": target,
+            "ok": ok,
+            "note": note,
+        }
         self.rows.append(row)
-        print(f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {ratio:.2f} (target {target})"
-              f"{'' if ok is None else (' ok' if ok else ' MISSED')}", flush=True)
+        print(
+            f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {ratio:.2f} (target {target})"
+            f"{'' if ok is None else (' ok' if ok else ' MISSED')}",
+            flush=True,
+        )
 
     def markdown(self) -> str:
         lines = ["| figure | toolbox | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
         for r in self.rows:
             met = "-" if r["ok"] is None else ("yes" if r["ok"] else "no")
-            lines.append(f"| {r['figure']} | {r['toolbox']:.3g} {r['unit']} | {r['baseline']:.3g} {r['unit']}"
-                         f"{' (' + r['note'] + ')' if r['note'] else ''} | {r['ratio']:.2f} | {r['target']} | {met} |")
+            lines.append(
+                f"| {r['figure']} | {r['toolbox']:.3g} {r['unit']} | {r['baseline']:.3g} {r['unit']}"
+                f"{' (' + r['note'] + ')' if r['note'] else ''} | {r['ratio']:.2f} | {r['target']} | {met} |"
+            )
         return "\n".join(lines)
 
 
 def cli(module: str, *args: str, watch_memory: bool = False) -> tuple[float, int]:
     """Run ``python -m toolbox.<module> ...``; returns (wall s, peak PSS bytes of its process tree)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"toolbox.{module}", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"toolbox.{module}", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = [0]
     if watch_memory:
         threading.Thread(target=_watch_pss, args=(proc, peak), daemon=True).start()
@@ -88,12 +102,24 @@ def sweep_figures(out: Path, name: str, sweep_file: str, *extra: str) -> dict:
     wall, _ = cli("sweep", sweep_file, "--storage", str(out), "--name", name, "--restart", *extra)
     rows = pq.read_table(out / name / "results.parquet").to_pylist()
     sweep = load(sweep_file)
-    compute = sum(sum(r["epoch_s"] for r in pq.read_table(Path(t["trial_dir"]) / "epochs.parquet").to_pylist())
-                  for t in rows if t["epochs"])
-    return {"wall_s": wall, "epochs": sum(r["epochs"] for r in rows), "compute_s": compute,
-            "best": rows[0][sweep.metric], "startup_s": [r["startup_s"] for r in rows if r["startup_s"] == r["startup_s"]],
-            "params": [{k: (tuple(json.loads(r[k])) if isinstance(r[k], str) and r[k].startswith("[") else r[k])
-                        for k in sweep.space if r.get(k) is not None} for r in rows]}
+    compute = sum(
+        sum(r["epoch_s"] for r in pq.read_table(Path(t["trial_dir"]) / "epochs.parquet").to_pylist()) for t in rows if t["epochs"]
+    )
+    return {
+        "wall_s": wall,
+        "epochs": sum(r["epochs"] for r in rows),
+        "compute_s": compute,
+        "best": rows[0][sweep.metric],
+        "startup_s": [r["startup_s"] for r in rows if r["startup_s"] == r["startup_s"]],
+        "params": [
+            {
+                k: (tuple(json.loads(r[k])) if isinstance(r[k], str) and r[k].startswith("[") else r[k])
+                for k in sweep.space
+                if r.get(k) is not None
+            }
+            for r in rows
+        ],
+    }
 
 
 def bench_data(table: Table, args, out: Path) -> None:
@@ -104,12 +130,33 @@ def bench_data(table: Table, args, out: Path) -> None:
     rows: list[dict] = []
     train(config, data, local_session(rows.append))
     loop_s = len(data.train_y) / rows[0]["samples_per_s"]
-    table.add("MNIST epoch (train), toolbox loop vs plain PyTorch loop, 1 thread", loop_s, plain_s, "s", "<= 1.25", loop_s <= 1.25 * plain_s)
+    table.add(
+        "MNIST epoch (train), toolbox loop vs plain PyTorch loop, 1 thread",
+        loop_s,
+        plain_s,
+        "s",
+        "<= 1.25",
+        loop_s <= 1.25 * plain_s,
+    )
     run_s = _run_epoch_s(out, args, workers=1)
-    table.add("MNIST epoch (train), `toolbox.run` (Ray Train worker) vs plain loop", run_s, plain_s, "s", "<= 1.25", run_s <= 1.25 * plain_s)
+    table.add(
+        "MNIST epoch (train), `toolbox.run` (Ray Train worker) vs plain loop",
+        run_s,
+        plain_s,
+        "s",
+        "<= 1.25",
+        run_s <= 1.25 * plain_s,
+    )
     original = len(data.train_y) / original_pipeline_samples_per_s(args.mnist_root, config["batch_size"])
-    table.add("MNIST epoch, original pipeline vs `toolbox.run` (speed-up)", original, run_s, "s", ">= 8", original >= 8 * run_s,
-              "original extrapolated from 120 batches")
+    table.add(
+        "MNIST epoch, original pipeline vs `toolbox.run` (speed-up)",
+        original,
+        run_s,
+        "s",
+        ">= 8",
+        original >= 8 * run_s,
+        "original extrapolated from 120 batches",
+    )
 
 
 _run_cache: dict[int, float] = {}
@@ -119,8 +166,22 @@ def _run_epoch_s(out: Path, args, workers: int) -> float:
     """Seconds of training per MNIST epoch in ``toolbox.run`` (its 2nd epoch), with --workers."""
     if workers not in _run_cache:
         name = f"run-{workers}w"
-        cli("run", "--dataset", "MNIST", "--mnist-root", args.mnist_root, "--mnist-download", "--epochs", "2",
-            "--workers", str(workers), "--storage", str(out), "--name", name + f"-{time.time_ns()}")
+        cli(
+            "run",
+            "--dataset",
+            "MNIST",
+            "--mnist-root",
+            args.mnist_root,
+            "--mnist-download",
+            "--epochs",
+            "2",
+            "--workers",
+            str(workers),
+            "--storage",
+            str(out),
+            "--name",
+            name + f"-{time.time_ns()}",
+        )
         latest = max(out.glob(name + "-*"), key=lambda p: p.stat().st_mtime)
         rows = pq.read_table(latest / "epochs.parquet").to_pylist()
         _run_cache[workers] = 60000 / rows[-1]["samples_per_s"]
@@ -134,35 +195,88 @@ def bench_overhead(table: Table, args, out: Path) -> None:
     multi = sweep_figures(out, "overhead-2workers", args.sweep_file, *common, "--workers-per-trial", "2", "--max-concurrent", "1")
     plain_s = statistics.median(plain["startup_s"])
     ours_s = statistics.median(ours["startup_s"])
-    table.add("trial start -> first step, 1-worker trial (median)", ours_s, plain_s, "s", "<= 3 s", ours_s <= 3,
-              "baseline: Tune -> TorchTrainer")
+    table.add(
+        "trial start -> first step, 1-worker trial (median)",
+        ours_s,
+        plain_s,
+        "s",
+        "<= 3 s",
+        ours_s <= 3,
+        "baseline: Tune -> TorchTrainer",
+    )
     multi_s = statistics.median(multi["startup_s"])
-    table.add("trial start -> first step, 2-worker DDP trial (median)", multi_s, plain_s, "s", "report", None,
-              "baseline: Tune -> TorchTrainer, 1 worker")
+    table.add(
+        "trial start -> first step, 2-worker DDP trial (median)",
+        multi_s,
+        plain_s,
+        "s",
+        "report",
+        None,
+        "baseline: Tune -> TorchTrainer, 1 worker",
+    )
 
 
 def bench_sweep(table: Table, args, out: Path) -> None:
-    common = [*args.sweep_args, "--num-samples", str(args.num_samples), "--epochs", str(args.epochs),
-              "--max-concurrent", "2", "--cpus-per-worker", "1", "--seed", "0"]
+    common = [
+        *args.sweep_args,
+        "--num-samples",
+        str(args.num_samples),
+        "--epochs",
+        str(args.epochs),
+        "--max-concurrent",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--seed",
+        "0",
+    ]
     asha = sweep_figures(out, "sweep-asha", args.sweep_file, *common)
     ideal = asha["compute_s"] / 2
-    table.add("sweep wall vs sum of trial compute / concurrency", asha["wall_s"], ideal, "s", "<= 1.3", asha["wall_s"] <= 1.3 * ideal)
+    table.add(
+        "sweep wall vs sum of trial compute / concurrency", asha["wall_s"], ideal, "s", "<= 1.3", asha["wall_s"] <= 1.3 * ideal
+    )
     sweep = load(args.sweep_file, {"epochs": args.epochs}, _base_overrides(args))
     configs = [sweep.trial_config(p) for p in asha["params"]]
     data = build_dataset(configs[0])
     optuna = optuna_sweep(configs, data, sweep.metric, sweep.mode, concurrency=2)
     ours_per_epoch = asha["wall_s"] / asha["epochs"]
     optuna_per_epoch = optuna["wall_s"] / optuna["epochs"]
-    table.add("sweep wall s per trained epoch vs in-process Optuna (same configs)", ours_per_epoch, optuna_per_epoch, "s", "<= 1.2",
-              ours_per_epoch <= 1.2 * optuna_per_epoch, f"Optuna best {optuna['best']:.2f}")
+    table.add(
+        "sweep wall s per trained epoch vs in-process Optuna (same configs)",
+        ours_per_epoch,
+        optuna_per_epoch,
+        "s",
+        "<= 1.2",
+        ours_per_epoch <= 1.2 * optuna_per_epoch,
+        f"Optuna best {optuna['best']:.2f}",
+    )
     train_pattern = sweep_figures(out, "sweep-train-pattern", args.sweep_file, *common, "--no-in-process")
     pattern_per_epoch = train_pattern["wall_s"] / train_pattern["epochs"]
-    table.add("sweep wall s per trained epoch vs Tune -> TorchTrainer", ours_per_epoch, pattern_per_epoch, "s", "<= 0.4 (2.5x better)",
-              ours_per_epoch <= pattern_per_epoch / 2.5)
+    table.add(
+        "sweep wall s per trained epoch vs Tune -> TorchTrainer",
+        ours_per_epoch,
+        pattern_per_epoch,
+        "s",
+        "<= 0.4 (2.5x better)",
+        ours_per_epoch <= pattern_per_epoch / 2.5,
+    )
     grid = sweep_figures(out, "sweep-full-grid", args.sweep_file, *common, "--trial-scheduler", "fifo")
-    table.add("ASHA epochs vs full grid epochs", asha["epochs"], grid["epochs"], "epochs", "<= 0.5", asha["epochs"] <= 0.5 * grid["epochs"])
-    table.add(f"best {sweep.metric}: ASHA vs full grid", asha["best"], grid["best"], "", "within 0.3 points",
-              abs(asha["best"] - grid["best"]) <= 0.3)
+    table.add(
+        "ASHA epochs vs full grid epochs",
+        asha["epochs"],
+        grid["epochs"],
+        "epochs",
+        "<= 0.5",
+        asha["epochs"] <= 0.5 * grid["epochs"],
+    )
+    table.add(
+        f"best {sweep.metric}: ASHA vs full grid",
+        asha["best"],
+        grid["best"],
+        "",
+        "within 0.3 points",
+        abs(asha["best"] - grid["best"]) <= 0.3,
+    )
 
 
 def _base_overrides(args) -> dict:
@@ -170,11 +284,24 @@ def _base_overrides(args) -> dict:
 
 
 def bench_memory(table: Table, args, out: Path) -> None:
-    common = [args.sweep_file, "--storage", str(out), "--restart", *args.sweep_args, "--num-samples", "2", "--epochs", "2",
-              "--trial-scheduler", "fifo"]
+    common = [
+        args.sweep_file,
+        "--storage",
+        str(out),
+        "--restart",
+        *args.sweep_args,
+        "--num-samples",
+        "2",
+        "--epochs",
+        "2",
+        "--trial-scheduler",
+        "fifo",
+    ]
     _, one = cli("sweep", *common, "--name", "memory-1", "--max-concurrent", "1", watch_memory=True)
     _, two = cli("sweep", *common, "--name", "memory-2", "--max-concurrent", "2", watch_memory=True)
-    table.add("peak PSS, 2 concurrent trials vs 1 (whole process tree)", two / 2**20, one / 2**20, "MiB", "<= 1.5", two <= 1.5 * one)
+    table.add(
+        "peak PSS, 2 concurrent trials vs 1 (whole process tree)", two / 2**20, one / 2**20, "MiB", "<= 1.5", two <= 1.5 * one
+    )
 
 
 def bench_ddp(table: Table, args, out: Path) -> None:
@@ -196,13 +323,25 @@ def bench_gpu(table: Table, args, out: Path) -> None:
         session.device = torch.device("cuda")
         train(config, data, session)
         loop_s = 60000 / rows[-1]["samples_per_s"]
-        table.add(f"GPU MNIST epoch (train), toolbox loop vs plain loop, batch {batch}", loop_s, plain_s, "s", "<= 1.2",
-                  loop_s <= 1.2 * plain_s)
+        table.add(
+            f"GPU MNIST epoch (train), toolbox loop vs plain loop, batch {batch}",
+            loop_s,
+            plain_s,
+            "s",
+            "<= 1.2",
+            loop_s <= 1.2 * plain_s,
+        )
     common = [*args.sweep_args, "--num-samples", "8", "--epochs", "3", "--trial-scheduler", "fifo", "--cpus-per-worker", "1"]
     whole = sweep_figures(out, "gpu-1-per-trial", args.sweep_file, *common, "--gpus-per-trial", "1")
     shared = sweep_figures(out, "gpu-quarter-per-trial", args.sweep_file, *common, "--gpus-per-trial", "0.25")
-    table.add("GPU sweep trials/hour, 0.25 GPU per trial vs 1", 8 * 3600 / shared["wall_s"], 8 * 3600 / whole["wall_s"], "trials/h",
-              ">= 4", whole["wall_s"] >= 4 * shared["wall_s"])
+    table.add(
+        "GPU sweep trials/hour, 0.25 GPU per trial vs 1",
+        8 * 3600 / shared["wall_s"],
+        8 * 3600 / whole["wall_s"],
+        "trials/h",
+        ">= 4",
+        whole["wall_s"] >= 4 * shared["wall_s"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only.split(",") + (["gpu"] if args.gpu else [])
     table = Table()
     machine = f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )
     print(f"toolbox.bench on {machine}", flush=True)
     for section in sections:
         print(f"[{section}]", flush=True)

@@ -58,18 +58,27 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs = {"nargs": "+", "metavar": "METRIC"}
             names = "; ".join(_describe(m) for m in METRICS)
             help_text = f"{option.help} (default: {_show(option.default)}). Choices: {names}"
-            training.add_argument(flag(option.key), "--active-metrics", dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs)
+            training.add_argument(
+                flag(option.key), "--active-metrics", dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs
+            )
             continue
         help_text = f"{option.help} (default: {_show(option.default)})"
-        training.add_argument(flag(option.key), dest=option.key, default=argparse.SUPPRESS, help=help_text, **_argument(option.type))
+        training.add_argument(
+            flag(option.key), dest=option.key, default=argparse.SUPPRESS, help=help_text, **_argument(option.type)
+        )
     for registry in KINDS:
         default = next(o.default for o in TRAINING_OPTIONS if o.key == registry.selector)
         description = f"choose with {flag(registry.selector)} (default {default}). " + "; ".join(map(_describe, registry))
         group = parser.add_argument_group(f"{registry.kind}s", description)
         for key, param in registry.keys().items():
             users = [f"{c.name}={_show(p.default)}" for c in registry for p in c.params if p.key == key]
-            group.add_argument(param.flag, dest=key, default=argparse.SUPPRESS,
-                               help=f"default: {', '.join(users)}", **_argument(param.annotation))
+            group.add_argument(
+                param.flag,
+                dest=key,
+                default=argparse.SUPPRESS,
+                help=f"default: {', '.join(users)}",
+                **_argument(param.annotation),
+            )
 
 
 def given_config(namespace: argparse.Namespace) -> dict[str, Any]:

@@ -33,8 +33,14 @@ def quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def start(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-          verbose: bool = False, extra_resources: dict | None = None) -> str | None:
+def start(
+    address: str | None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    verbose: bool = False,
+    extra_resources: dict | None = None,
+) -> str | None:
     """Start a private local Ray (or join ``address``); returns the dashboard URL when we started one.
 
     A local Ray always gets its dashboard on a free 127.0.0.1 port and ``RAY_API_SERVER_ADDRESS``
@@ -48,8 +54,12 @@ def start(address: str | None, *, num_cpus: int | None = None, num_gpus: int | N
     if address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         try:
-            ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING if verbose else logging.ERROR,
-                     runtime_env={"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]})
+            ray.init(
+                address=address,
+                log_to_driver=verbose,
+                logging_level=logging.WARNING if verbose else logging.ERROR,
+                runtime_env={"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]},
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
         return None
@@ -57,16 +67,29 @@ def start(address: str | None, *, num_cpus: int | None = None, num_gpus: int | N
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
     ray.init(
-        address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-        dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=verbose,
-        logging_level=logging.WARNING if verbose else logging.ERROR, configure_logging=True, resources=extra_resources or None,
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=verbose,
+        logging_level=logging.WARNING if verbose else logging.ERROR,
+        configure_logging=True,
+        resources=extra_resources or None,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
     )
     return f"http://127.0.0.1:{port}"
 
 
-def check_capacity(workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
-                   cpus: float | None = None, gpus: float | None = None) -> None:
+def check_capacity(
+    workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    gpus_per_worker: float = 1.0,
+    cpus: float | None = None,
+    gpus: float | None = None,
+) -> None:
     """Refuse a request Ray could never place (it would wait forever instead of failing)."""
     if cpus is None:
         cpus = float(os.cpu_count() or 1)
@@ -79,6 +102,8 @@ def check_capacity(workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per
     if use_gpu and gpus == 0:
         raise ConfigError("--use-gpu: no GPU is visible (torch.cuda.device_count() == 0 here)")
     if workers * cpus_per_worker > cpus:
-        raise ConfigError(f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} needs {workers * cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
+        raise ConfigError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} needs {workers * cpus_per_worker:g} CPUs; the cluster has {cpus:g}"
+        )
     if use_gpu and workers * gpus_per_worker > gpus:
         raise ConfigError(f"--workers {workers} needs {workers * gpus_per_worker:g} GPUs; the cluster has {gpus:g}")

@@ -66,7 +66,9 @@ def coerce(key: str, annotation: Any, value: Any) -> Any:
     bad = ConfigError(f"{flag(key)}: expected {_type_name(annotation)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{flag(key)}: {value!r} is not one of {', '.join(map(str, args))}{nearest(str(value), list(map(str, args)))}")
+            raise ConfigError(
+                f"{flag(key)}: {value!r} is not one of {', '.join(map(str, args))}{nearest(str(value), list(map(str, args)))}"
+            )
         return value
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -130,8 +132,10 @@ def _not_taken(key: str, config: dict) -> str:
     for registry in KINDS:
         owners = registry.owners(key)
         if owners:
-            return (f"{flag(key)} does not apply to {registry.kind} {config[registry.selector]!r} "
-                    f"(it belongs to {', '.join(owners)}; choose one with {flag(registry.selector)})")
+            return (
+                f"{flag(key)} does not apply to {registry.kind} {config[registry.selector]!r} "
+                f"(it belongs to {', '.join(owners)}; choose one with {flag(registry.selector)})"
+            )
     return f"unknown option {key!r}{nearest(key, list(all_keys()))}"
 
 

@@ -6,9 +6,8 @@ normalized per batch by ``TensorData.normalize``: cheap, and it keeps the shared
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -91,8 +90,14 @@ def mnist(seed: int, /, *, root: str = "./data", download: bool = False) -> Tens
     train = torchvision.datasets.MNIST(root, train=True, download=False)
     val = torchvision.datasets.MNIST(root, train=False, download=False)
     return TensorData(
-        train.data.flatten(1), train.targets, val.data.flatten(1), val.targets,
-        num_classes=10, scale=1 / 255, mean=0.1307, std=0.3081,
+        train.data.flatten(1),
+        train.targets,
+        val.data.flatten(1),
+        val.targets,
+        num_classes=10,
+        scale=1 / 255,
+        mean=0.1307,
+        std=0.3081,
     )
 
 

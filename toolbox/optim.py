@@ -8,7 +8,7 @@ Optimizer: ``fn(params, /, *, <config>)``. Scheduler: ``fn(optimizer, steps_per_
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -87,7 +87,9 @@ def linear_lr(optimizer, steps_per_epoch: int, epochs: int, /, *, warmup_epochs:
 
 
 @SCHEDULERS.register("cosine_annealing_lr", interval="step")
-def cosine_annealing_lr(optimizer, steps_per_epoch: int, epochs: int, /, *, warmup_epochs: float = 0.0, eta_min_factor: float = 0.0):
+def cosine_annealing_lr(
+    optimizer, steps_per_epoch: int, epochs: int, /, *, warmup_epochs: float = 0.0, eta_min_factor: float = 0.0
+):
     """Optional linear warmup, then cosine annealing to eta_min_factor * lr at the last step."""
     total = steps_per_epoch * epochs
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total)
@@ -96,8 +98,14 @@ def cosine_annealing_lr(optimizer, steps_per_epoch: int, epochs: int, /, *, warm
 
 @SCHEDULERS.register("linear_then_cosine_annealing_lr", interval="step")
 def linear_then_cosine_annealing_lr(
-    optimizer, steps_per_epoch: int, epochs: int, /, *,
-    warmup_epochs: float = 1.0, warmup_start_factor: float = 0.01, eta_min_factor: float = 0.0,
+    optimizer,
+    steps_per_epoch: int,
+    epochs: int,
+    /,
+    *,
+    warmup_epochs: float = 1.0,
+    warmup_start_factor: float = 0.01,
+    eta_min_factor: float = 0.0,
 ):
     """Linear warmup from warmup_start_factor * lr to lr, then cosine annealing."""
     total = steps_per_epoch * epochs
@@ -112,8 +120,16 @@ def linear_then_cosine_annealing_lr(
 
 
 @SCHEDULERS.register("one_cycle_lr", interval="step")
-def one_cycle_lr(optimizer, steps_per_epoch: int, epochs: int, /, *,
-                 warmup_epochs: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4):
+def one_cycle_lr(
+    optimizer,
+    steps_per_epoch: int,
+    epochs: int,
+    /,
+    *,
+    warmup_epochs: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+):
     """torch's OneCycleLR peaking at --lr after warmup_epochs (cosine up, cosine down)."""
     total = steps_per_epoch * epochs
     # torch needs >= 2 warmup steps and >= 1 annealing step; the extra step keeps the last lr defined.
@@ -121,8 +137,12 @@ def one_cycle_lr(optimizer, steps_per_epoch: int, epochs: int, /, *,
     total_steps = max(total + 1, warmup + 2)
     max_lrs = [group["lr"] for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=warmup / total_steps,
-        div_factor=div_factor, final_div_factor=final_div_factor,
+        optimizer,
+        max_lr=max_lrs,
+        total_steps=total_steps,
+        pct_start=warmup / total_steps,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
     )
 
 

@@ -31,19 +31,21 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
         epochs = int(history[-1]["epoch"]) if history else 0
         config = sweep.trial_config(result.config or {})
         trial_id = (result.metrics or {}).get("trial_id", Path(result.path or "?").name)
-        rows.append({
-            "trial_id": trial_id,
-            "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
-            # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
-            **{key: _plain(config.get(key)) for key in sweep.space},
-            sweep.metric: better(values) if values else math.nan,
-            "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
-            "epochs": epochs,
-            "time_s": round(sum(row["epoch_s"] for row in history), 1),
-            "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
-            "checkpoint": _best_checkpoint(result.path, history, sweep),
-            "trial_dir": result.path,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
+                # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
+                **{key: _plain(config.get(key)) for key in sweep.space},
+                sweep.metric: better(values) if values else math.nan,
+                "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
+                "epochs": epochs,
+                "time_s": round(sum(row["epoch_s"] for row in history), 1),
+                "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
+                "checkpoint": _best_checkpoint(result.path, history, sweep),
+                "trial_dir": result.path,
+            }
+        )
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r[sweep.metric]), sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0))
     return rows
@@ -76,9 +78,16 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
     pacsv.write_csv(table, out_dir / "results.csv")
     best = rows[0]
     config = sweep.trial_config({k: v for k, v in best.items() if k in sweep.space})
-    summary = {"trial_id": best["trial_id"], "metric": sweep.metric, "mode": sweep.mode, "value": best[sweep.metric],
-               "best_epoch": best["best_epoch"], "checkpoint": best["checkpoint"], "config": config,
-               "command": retrain_command(config, f"{sweep.name}-best")}
+    summary = {
+        "trial_id": best["trial_id"],
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "value": best[sweep.metric],
+        "best_epoch": best["best_epoch"],
+        "checkpoint": best["checkpoint"],
+        "config": config,
+        "command": retrain_command(config, f"{sweep.name}-best"),
+    }
     (out_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     try:
         plot(rows, sweep, out_dir)
@@ -105,8 +114,18 @@ def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
     """The ranked table printed at the end of a sweep."""
     swept = list(sweep.space)
     header = ["rank", "trial", *swept, sweep.metric, "epochs", "time_s", "status"]
-    lines = [[str(i + 1), str(r["trial_id"]), *(_cell(r.get(k)) for k in swept), _cell(r[sweep.metric]),
-              str(r["epochs"]), f"{r['time_s']:.0f}", r["status"]] for i, r in enumerate(rows[:limit])]
+    lines = [
+        [
+            str(i + 1),
+            str(r["trial_id"]),
+            *(_cell(r.get(k)) for k in swept),
+            _cell(r[sweep.metric]),
+            str(r["epochs"]),
+            f"{r['time_s']:.0f}",
+            r["status"],
+        ]
+        for i, r in enumerate(rows[:limit])
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)] if lines else [len(h) for h in header]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -136,9 +155,13 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     for rank, row in enumerate(rows):
         history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
         if history and sweep.metric in history[0]:
-            ax.plot([h["epoch"] for h in history], [h[sweep.metric] for h in history],
-                    alpha=1.0 if rank < top else 0.35, lw=2 if rank < top else 1,
-                    label=f"#{rank + 1} {row['trial_id']}" if rank < top else None)
+            ax.plot(
+                [h["epoch"] for h in history],
+                [h[sweep.metric] for h in history],
+                alpha=1.0 if rank < top else 0.35,
+                lw=2 if rank < top else 1,
+                label=f"#{rank + 1} {row['trial_id']}" if rank < top else None,
+            )
     ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
@@ -153,7 +176,12 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
         steps = steps or 100
         lrs = lr_schedule(config, steps)
         ax.plot([i / steps for i in range(len(lrs))], lrs, label=f"#{rank + 1} {config['optimizer']}/{config['scheduler']}")
-    ax.set(xlabel="epoch", ylabel="learning rate", yscale="log", title=f"{sweep.name}: LR schedule of the top {min(top, len(rows))} trials")
+    ax.set(
+        xlabel="epoch",
+        ylabel="learning rate",
+        yscale="log",
+        title=f"{sweep.name}: LR schedule of the top {min(top, len(rows))} trials",
+    )
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")

@@ -31,8 +31,12 @@ checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m toolbox.run", description=__doc__.split(":", 1)[1].strip(),
-                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="python -m toolbox.run",
+        description=__doc__.split(":", 1)[1].strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_flags(parser)
     ray_flags = parser.add_argument_group("ray")
     ray_flags.add_argument("--workers", type=int, default=1, help="DDP workers (default: 1)")
@@ -133,8 +137,9 @@ def fit(plan: Plan):
     url = cluster.start(args.address, verbose=args.verbose)
     if args.address:
         resources = ray.cluster_resources()
-        cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu,
-                               cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
+        cluster.check_capacity(
+            args.workers, args.cpus_per_worker, args.use_gpu, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0)
+        )
     epoch_log = EpochLog(plan.run_dir)
     epoch_log.log(f"config {json.dumps(config)}")
     (plan.run_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -144,14 +149,21 @@ def fit(plan: Plan):
         log.info("resuming from %s", plan.resume_from)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "data": ray.put(plan.data.to_shared()),
-                           "resume_from": plan.resume_from, "threads": max(1, int(args.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        train_loop_config={
+            "config": config,
+            "data": ray.put(plan.data.to_shared()),
+            "resume_from": plan.resume_from,
+            "threads": max(1, int(args.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=args.workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": args.cpus_per_worker}
+        ),
         run_config=RunConfig(
-            name=args.name, storage_path=str(plan.run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            name=args.name,
+            storage_path=str(plan.run_dir.parent),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
             callbacks=[epoch_log_callback(plan.run_dir, config["epochs"])],
         ),
     )
@@ -172,16 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
-    log.info("run %s: %s on %s, %d epochs, %d worker(s) -> %s", plan.args.name, plan.config["arch"],
-             plan.config["dataset"], plan.config["epochs"], plan.args.workers, plan.run_dir)
+    log.info(
+        "run %s: %s on %s, %d epochs, %d worker(s) -> %s",
+        plan.args.name,
+        plan.config["arch"],
+        plan.config["dataset"],
+        plan.config["epochs"],
+        plan.args.workers,
+        plan.run_dir,
+    )
     try:
         result = fit(plan)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        print(f"toolbox.run: training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]} "
-              "(re-run with --verbose for Ray's logs)", file=sys.stderr)
+        print(
+            f"toolbox.run: training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]} "
+            "(re-run with --verbose for Ray's logs)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         import ray

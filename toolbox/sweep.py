@@ -28,8 +28,12 @@ log = logging.getLogger("toolbox")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m toolbox.sweep", description=__doc__.split("\n")[0].split(": ", 1)[1],
-                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser = Parser(
+        prog="python -m toolbox.sweep",
+        description=__doc__.split("\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     parser.add_argument("sweep_file", help="a sweep file, e.g. sweeps/lr_sched.py")
     fields = parser.add_argument_group("sweep fields (override the sweep file)")
     fields.add_argument("--num-samples", type=int)
@@ -42,8 +46,12 @@ def build_parser() -> Parser:
     fields.add_argument("--cpus-per-worker", type=float)
     fields.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
     fields.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
-    fields.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
-                        help="run 1-worker trials in the trial process (default) or via a TorchTrainer")
+    fields.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run 1-worker trials in the trial process (default) or via a TorchTrainer",
+    )
     runtime = parser.add_argument_group("ray")
     runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
     runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
@@ -63,9 +71,23 @@ def build_parser() -> Parser:
 
 def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, name) for name in (
-        "num_samples", "epochs", "metric", "mode", "trial_scheduler", "search", "workers_per_trial",
-        "cpus_per_worker", "gpus_per_trial", "max_concurrent", "in_process", "name")}
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "num_samples",
+            "epochs",
+            "metric",
+            "mode",
+            "trial_scheduler",
+            "search",
+            "workers_per_trial",
+            "cpus_per_worker",
+            "gpus_per_trial",
+            "max_concurrent",
+            "in_process",
+            "name",
+        )
+    }
     base_overrides = given_config(args)
     base_overrides.pop("epochs", None)
     base_overrides.pop("seed", None)
@@ -73,8 +95,12 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
     if not args.address:
-        cluster.check_capacity(sweep.workers_per_trial, sweep.cpus_per_worker, sweep.gpus_per_trial > 0,
-                               gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial)
+        cluster.check_capacity(
+            sweep.workers_per_trial,
+            sweep.cpus_per_worker,
+            sweep.gpus_per_trial > 0,
+            gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial,
+        )
     return sweep, args
 
 
@@ -100,14 +126,21 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
         trainable,
         param_space=dict(sweep.space),
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-            search_alg=search_algorithm(sweep, max_concurrent), scheduler=trial_scheduler(sweep),
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            search_alg=search_algorithm(sweep, max_concurrent),
+            scheduler=trial_scheduler(sweep),
             reuse_actors=sweep.trials_in_process,
         ),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=str(exp_dir.parent), verbose=0, callbacks=[progress],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric,
-                                                    checkpoint_score_order=sweep.mode),
+            name=sweep.name,
+            storage_path=str(exp_dir.parent),
+            verbose=0,
+            callbacks=[progress],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=sweep.metric, checkpoint_score_order=sweep.mode
+            ),
             failure_config=tune.FailureConfig(max_failures=1),
         ),
     )
@@ -137,12 +170,22 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
     else:  # the trial function only drives its TorchTrainer's workers
         trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp_dir=str(exp_dir)),
-                                    trial_resources)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp_dir=str(exp_dir)), trial_resources
+    )
     progress = Progress(sweep)
     started = time.time()
-    log.info("sweep %s: %d trials x <= %d epochs, %s + %s, metric %s (%s) -> %s", sweep.name, sweep.num_samples,
-             sweep.epochs, sweep.search, sweep.trial_scheduler, sweep.metric, sweep.mode, exp_dir)
+    log.info(
+        "sweep %s: %d trials x <= %d epochs, %s + %s, metric %s (%s) -> %s",
+        sweep.name,
+        sweep.num_samples,
+        sweep.epochs,
+        sweep.search,
+        sweep.trial_scheduler,
+        sweep.metric,
+        sweep.mode,
+        exp_dir,
+    )
     tuner = make_tuner(sweep, trainable, exp_dir, cpus, gpus, progress)
     interrupted = False
     try:
@@ -155,8 +198,14 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     best = results.write(rows, sweep, exp_dir)
     log.info("wall time %.0f s; results: %s/results.parquet (.csv), best.json, plots/", time.time() - started, exp_dir)
     if best and not math.isnan(best["value"]):
-        log.info("best %s %.4f (trial %s, epoch %d); checkpoint %s", sweep.metric, best["value"], best["trial_id"],
-                 best["best_epoch"], best["checkpoint"])
+        log.info(
+            "best %s %.4f (trial %s, epoch %d); checkpoint %s",
+            sweep.metric,
+            best["value"],
+            best["trial_id"],
+            best["best_epoch"],
+            best["checkpoint"],
+        )
         log.info("re-train it with:\n  %s", best["command"])
     if interrupted or progress.interrupted:
         log.info("interrupted: re-run the same command to continue the sweep")

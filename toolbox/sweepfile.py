@@ -91,7 +91,9 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
     values = _import(path)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep field {unknown[0]!r}{nearest(unknown[0], list(FIELDS))}; fields: {', '.join(FIELDS)}")
+        raise ConfigError(
+            f"{path}: unknown sweep field {unknown[0]!r}{nearest(unknown[0], list(FIELDS))}; fields: {', '.join(FIELDS)}"
+        )
     if "space" not in values:
         raise ConfigError(f"{path}: no `space` defined (a dict of run keys to Tune domains)")
     values.setdefault("name", path.stem)
@@ -110,11 +112,18 @@ def _import(path: Path) -> dict[str, Any]:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line naming file and line
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path.resolve() or f.filename == str(path)]
-        where = f"{path}:{frames[-1].lineno}" if frames else (f"{path}:{exc.lineno}" if isinstance(exc, SyntaxError) else str(path))
+        frames = [
+            f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path.resolve() or f.filename == str(path)
+        ]
+        where = (
+            f"{path}:{frames[-1].lineno}" if frames else (f"{path}:{exc.lineno}" if isinstance(exc, SyntaxError) else str(path))
+        )
         raise ConfigError(f"{where}: cannot import the sweep file: {type(exc).__name__}: {exc}") from None
-    return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") and not isinstance(v, type(dataclasses)) and not callable(v)}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and not isinstance(v, type(dataclasses)) and not callable(v)
+    }
 
 
 def check(sweep: Sweep, where: str) -> None:
@@ -129,9 +138,11 @@ def check(sweep: Sweep, where: str) -> None:
             takers = registry.owners(key) if registry else []
             for component in value:
                 if component not in takers:
-                    raise ConfigError(f"{where}: space[{key!r}] is per-component, but {component!r} is not a "
-                                      f"{registry.kind if registry else 'component'} that takes {key!r}"
-                                      f"{nearest(str(component), takers)}; those are: {', '.join(takers) or 'none'}")
+                    raise ConfigError(
+                        f"{where}: space[{key!r}] is per-component, but {component!r} is not a "
+                        f"{registry.kind if registry else 'component'} that takes {key!r}"
+                        f"{nearest(str(component), takers)}; those are: {', '.join(takers) or 'none'}"
+                    )
     if "epochs" in sweep.base or "epochs" in sweep.space:
         raise ConfigError(f"{where}: set the trials' epochs with the sweep field `epochs`, not in base/space")
     dataset_keys = {p.key for d in DATASETS for p in d.params} | {"dataset", "seed"}
@@ -146,8 +157,10 @@ def check(sweep: Sweep, where: str) -> None:
             raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
     reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in sweep.trial_config({})["metrics"]}
     if sweep.metric not in reported:
-        raise ConfigError(f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
-                          f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})")
+        raise ConfigError(
+            f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
+            f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})"
+        )
 
 
 def _check_fields(sweep: Sweep, where: str) -> None:
@@ -205,4 +218,3 @@ def candidate_params(space: dict[str, Any], limit: int = 512) -> list[dict[str, 
 
 def _short(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in params.items())
-

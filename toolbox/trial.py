@@ -66,15 +66,20 @@ def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -
     per_worker = {"CPU": sweep.cpus_per_worker} | ({"GPU": sweep.gpus_per_trial / workers} if sweep.gpus_per_trial else {})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "data": data_ref, "resume_from": None,
-                           "threads": max(1, int(sweep.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=sweep.gpus_per_trial > 0,
-                                     resources_per_worker=per_worker),
+        train_loop_config={
+            "config": config,
+            "data": data_ref,
+            "resume_from": None,
+            "threads": max(1, int(sweep.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=sweep.gpus_per_trial > 0, resources_per_worker=per_worker),
         # Re-running a trial (sweep resume) re-fits this same run, which resumes from its checkpoint.
         run_config=RunConfig(
-            name="train", storage_path=str(trial_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            name="train",
+            storage_path=str(trial_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
             callbacks=[TuneReportCallback(), epoch_log_callback(trial_dir, config["epochs"])],
         ),
     )

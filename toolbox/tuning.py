@@ -37,7 +37,8 @@ def trial_scheduler(sweep: Sweep):
     if sweep.trial_scheduler == "pbt":
         mutations = {k: v for k, v in sweep.space.items() if hasattr(v, "sample") or isinstance(v, list)}
         return tune.schedulers.PopulationBasedTraining(
-            **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options)
+            **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options
+        )
     return tune.schedulers.FIFOScheduler()
 
 
@@ -73,8 +74,14 @@ class Progress(tune.Callback):
             running = sum(t.status == "RUNNING" for t in trials)
             overall = [v for v in self.best.values()]
             top = (max if self.sweep.mode == "max" else min)(overall) if overall else float("nan")
-            log.info("... %d/%d trials finished, %d running, best %s so far %.4f", self.done, self.sweep.num_samples,
-                     running, self.sweep.metric, top)
+            log.info(
+                "... %d/%d trials finished, %d running, best %s so far %.4f",
+                self.done,
+                self.sweep.num_samples,
+                running,
+                self.sweep.metric,
+                top,
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
@@ -87,9 +94,17 @@ class Progress(tune.Callback):
         config = self.sweep.trial_config(trial.config)
         swept = ", ".join(f"{k}={_short(config[k])}" for k in self.sweep.space if k in config)
         best = self.best.get(trial.trial_id)
-        log.info("[%d/%d] trial %s %s after %d epochs: best %s %s | %s", self.done, self.sweep.num_samples, trial.trial_id,
-                 what, self.epochs.get(trial.trial_id, 0), self.sweep.metric,
-                 "-" if best is None else f"{best:.4f}", swept)
+        log.info(
+            "[%d/%d] trial %s %s after %d epochs: best %s %s | %s",
+            self.done,
+            self.sweep.num_samples,
+            trial.trial_id,
+            what,
+            self.epochs.get(trial.trial_id, 0),
+            self.sweep.metric,
+            "-" if best is None else f"{best:.4f}",
+            swept,
+        )
 
     def on_experiment_end(self, trials, **info):
         self.interrupted = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
