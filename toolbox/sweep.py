@@ -178,7 +178,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     log.info(
         "sweep %s: %d trials x <= %d epochs, %s + %s, metric %s (%s) -> %s",
         sweep.name,
-        sweep.num_samples,
+        sweep.total_trials,
         sweep.epochs,
         sweep.search,
         sweep.trial_scheduler,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,11 @@ class Sweep:
     # One-worker trials run the loop in the trial's own process (no worker group: ~20 s saved per
     # trial). False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
+
+    @property
+    def total_trials(self) -> int:
+        """num_samples times the size of every grid_search in the space."""
+        return self.num_samples * math.prod(len(v["grid_search"]) for v in self.space.values() if _is_grid(v))
 
     @property
     def trials_in_process(self) -> bool:

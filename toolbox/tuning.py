@@ -77,7 +77,7 @@ class Progress(tune.Callback):
             log.info(
                 "... %d/%d trials finished, %d running, best %s so far %.4f",
                 self.done,
-                self.sweep.num_samples,
+                self.sweep.total_trials,
                 running,
                 self.sweep.metric,
                 top,
@@ -97,7 +97,7 @@ class Progress(tune.Callback):
         log.info(
             "[%d/%d] trial %s %s after %d epochs: best %s %s | %s",
             self.done,
-            self.sweep.num_samples,
+            self.sweep.total_trials,
             trial.trial_id,
             what,
             self.epochs.get(trial.trial_id, 0),

@@ -1,0 +1,176 @@
+"""Sweeps end to end, each through `python -m toolbox.sweep` in its own process with a real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_n_samples": 256, "dummy_val_n_samples": 64, "dummy_input_shape": (16,),
+        "ff_input_size": 16, "ff_hidden_sizes": (16,), "batch_size": 32}
+num_samples = 1  # each grid value once
+"""
+
+
+def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "toolbox.sweep", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write(tmp_path: Path, body: str, name: str) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(TINY + textwrap.dedent(body))
+    return path
+
+
+def trial_starts(exp_dir: Path) -> dict[str, int]:
+    """How often each trial's function started (a line per start in its training.log)."""
+    return {d.name: (d / "training.log").read_text().count("trial started") for d in exp_dir.glob("run_trial_*")}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("smoke")
+    proc = sweep("sweeps/smoke.py", "--storage", str(storage), "--seed", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "smoke", proc
+
+
+@pytest.mark.timeout(300)
+def test_smoke_sweep_writes_results(smoke):
+    exp_dir, proc = smoke
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    assert {"trial_id", "optimizer", "lr", "scheduler", "val_top_1_accuracy", "epochs", "time_s", "checkpoint"} <= set(rows[0])
+    metric = [r["val_top_1_accuracy"] for r in rows]
+    assert metric == sorted(metric, reverse=True), "ranked best first"
+    assert all(1 <= r["epochs"] <= 3 for r in rows)
+    for row in rows:  # momentum only belongs to sgd trials
+        assert (row["momentum"] is not None) == (row["optimizer"] == "sgd")
+    csv_lines = (exp_dir / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5
+    best = json.loads((exp_dir / "best.json").read_text())
+    assert best["value"] == rows[0]["val_top_1_accuracy"] and best["trial_id"] == rows[0]["trial_id"]
+    assert best["config"]["dataset"] == "DummyDataset" and best["config"]["epochs"] == 3
+    assert Path(best["checkpoint"], "state.pt").is_file()
+    assert best["command"].startswith("python -m toolbox.run ") and best["command"] in proc.stdout
+    for plot in ("val_metric.png", "lr_schedule.png"):
+        assert (exp_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "rank  trial" in proc.stdout  # the ranked table
+    trial_dir = Path(rows[0]["trial_dir"])
+    epochs = pq.read_table(trial_dir / "epochs.parquet").to_pylist()
+    assert [e["epoch"] for e in epochs] == list(range(1, rows[0]["epochs"] + 1))
+
+
+@pytest.mark.timeout(300)
+def test_seed_reproduces_configs_and_training(smoke, tmp_path):
+    exp_dir, _ = smoke
+    proc = sweep("sweeps/smoke.py", "--storage", str(tmp_path), "--seed", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    key = lambda r: r["trial_id"].split("_")[-1]  # noqa: E731 - trial index; the id prefix differs per run
+    first = sorted(pq.read_table(exp_dir / "results.parquet").to_pylist(), key=key)
+    again = sorted(pq.read_table(tmp_path / "smoke" / "results.parquet").to_pylist(), key=key)
+    for a, b in zip(first, again, strict=True):
+        assert (a["optimizer"], a["lr"], a["scheduler"]) == (b["optimizer"], b["lr"], b["scheduler"])
+        assert a["val_top_1_accuracy"] == b["val_top_1_accuracy"] and a["epochs"] == b["epochs"]
+
+
+@pytest.mark.timeout(300)
+def test_asha_stops_bad_trials_early(tmp_path):
+    # Two good lrs run first (one trial at a time); the hopeless ones after them fall below the rung.
+    path = write(
+        tmp_path,
+        """\
+        space = {"lr": tune.grid_search([3e-2, 1e-2, 1e-7, 1e-7, 1e-7, 1e-7])}
+        epochs = 4
+        max_concurrent = 1
+        scheduler_options = {"grace_period": 1, "reduction_factor": 2}
+        """,
+        "asha",
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "asha" / "results.parquet").to_pylist()
+    assert len(rows) == 6
+    assert rows[0]["lr"] == 3e-2 and rows[0]["status"] == "done" and rows[0]["epochs"] == 4
+    hopeless = [r for r in rows if r["lr"] == 1e-7]
+    assert all(r["status"] == "stopped" and r["epochs"] < 4 for r in hopeless), hopeless
+    assert sum(r["epochs"] for r in rows) < 6 * 4
+    assert "stopped early" in proc.stdout
+
+
+@pytest.mark.timeout(420)
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3])}
+        epochs = 3
+        trial_scheduler = "fifo"
+        max_concurrent = 1
+        """,
+        "killme",
+    )
+    exp_dir = tmp_path / "killme"
+    command = [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Its own session, so that SIGKILL to the group takes the driver and the Ray it started, like a lost terminal.
+    driver = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    finished_lines = []
+    deadline = time.time() + 180
+    for line in driver.stdout:
+        if line.startswith("["):
+            finished_lines.append(line)
+        if len(finished_lines) >= 2 or time.time() > deadline:
+            break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert len(finished_lines) >= 2, "the sweep never finished two trials"
+    done_before = {d for d, n in trial_starts(exp_dir).items() if pq.read_table(exp_dir / d / "epochs.parquet").num_rows == 3}
+    assert len(done_before) >= 2
+
+    proc = sweep(str(path), "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "continuing sweep" in proc.stdout
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 6 and all(r["epochs"] == 3 for r in rows)
+    starts = trial_starts(exp_dir)
+    assert len(starts) == 6
+    assert all(starts[d] == 1 for d in done_before), starts  # finished trials never ran again
+
+
+@pytest.mark.timeout(400)
+def test_train_in_tune_trials_free_their_workers(tmp_path):
+    """ray-project/ray#54305: every trial takes all CPUs; a leaked worker CPU would hang the next trial."""
+    path = write(
+        tmp_path,
+        """\
+        space = {"lr": tune.grid_search([1e-3, 3e-2, 1e-7, 1e-7])}
+        epochs = 3
+        workers_per_trial = 2
+        cpus_per_worker = 1
+        scheduler_options = {"grace_period": 1, "reduction_factor": 2}
+        """,
+        "tight",
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path), timeout=360)  # the watchdog
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "tight" / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["epochs"] >= 1 for r in rows)
+    assert any(r["status"] == "stopped" for r in rows), "ASHA should stop a hopeless trial"
+    assert rows[0]["checkpoint"] and "/train/checkpoint_" in rows[0]["checkpoint"]  # the trial's own Train run

@@ -1,0 +1,105 @@
+"""Sweep files are checked before Ray starts: every shipped one loads, and each mistake gets exit code 2."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from toolbox import sweep as sweep_cli
+from toolbox.registry import ConfigError
+from toolbox.sweepfile import candidate_params, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
+GOOD = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_input_shape": (8,), "ff_input_size": 8}
+space = {
+    "optimizer": tune.choice(["adamw", "sgd"]),
+    "lr": {"adamw": tune.loguniform(1e-4, 1e-3), "sgd": tune.loguniform(1e-2, 1e-1)},
+    "momentum": tune.uniform(0.8, 0.9),
+}
+num_samples = 2
+epochs = 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "sweep_under_test.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_sweep_files_load(path):
+    sweep = load(path)
+    assert sweep.space and sweep.num_samples >= 1
+    assert candidate_params(sweep.space), "the checks must have tried some trial configs"
+
+
+def test_lr_sched_is_the_issue_sweep():
+    sweep = load(ROOT / "sweeps" / "lr_sched.py")
+    assert sweep.trial_config({})["dataset"] == "MNIST"
+    assert sweep.trial_scheduler == "asha" and sweep.num_samples >= 16 and sweep.epochs <= 10
+    assert {"optimizer", "scheduler", "lr", "warmup_epochs"} <= set(sweep.space)
+
+
+def test_space_is_conditional_on_the_chosen_component(tmp_path):
+    sweep = load(write(tmp_path, GOOD))
+    adamw = sweep.trial_config({"optimizer": "adamw", "lr": {"adamw": 5e-4, "sgd": 0.05}, "momentum": 0.85})
+    sgd = sweep.trial_config({"optimizer": "sgd", "lr": {"adamw": 5e-4, "sgd": 0.05}, "momentum": 0.85})
+    assert adamw["lr"] == 5e-4 and "momentum" not in adamw
+    assert sgd["lr"] == 0.05 and sgd["momentum"] == 0.85
+    assert sgd["epochs"] == 2 and sgd["ff_input_size"] == 8
+
+
+BAD = {
+    "unknown key": ('space = {"lrr": 0.1}', "unknown key 'lrr' (did you mean 'lr'?)"),
+    "unknown field": ('space = {"lr": 0.1}\nnum_sample = 3', "unknown sweep field 'num_sample' (did you mean 'num_samples'?)"),
+    "unknown component": (
+        'from ray import tune\nspace = {"optimizer": tune.choice(["adamw", "sgdd"])}',
+        "unknown optimizer 'sgdd' (did you mean 'sgd'?)",
+    ),
+    "value a component refuses": ('from ray import tune\nspace = {"lr": tune.uniform(-1.0, 1.0)}', "--lr must be > 0"),
+    "value of the wrong type": ('space = {"ff_activation": "swish"}', "--ff-activation: 'swish' is not one of"),
+    "wrong per-component name": (
+        'from ray import tune\nspace = {"lr": {"adamw": 1e-3, "adagrad": 1e-2}}',
+        "'adagrad' is not a optimizer that takes 'lr'",
+    ),
+    "metric nothing reports": (
+        'space = {"lr": 0.1}\nmetric = "val_top_3_accuracy"',
+        "metric 'val_top_3_accuracy' is never reported",
+    ),
+    "swept dataset key": ('from ray import tune\nspace = {"dummy_n_samples": tune.choice([64, 128])}', "cannot be swept"),
+    "unknown trial scheduler": ('space = {"lr": 0.1}\ntrial_scheduler = "ashaa"', "trial_scheduler 'ashaa' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_sweep_file_is_refused_before_ray(tmp_path, capsys, case):
+    text, expected = BAD[case]
+    path = write(tmp_path, text)
+    assert sweep_cli.main([str(path), "--storage", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "out").exists(), "nothing may be written for a refused sweep"
+
+
+def test_import_error_names_the_file_and_line(tmp_path, capsys):
+    path = write(tmp_path, 'from ray import tune\nspace = {"lr": 0.1}\nepochs = 1 / 0\n', name="broken.py")
+    assert sweep_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3" in err and "ZeroDivisionError" in err
+
+
+def test_cli_override_is_checked_too(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
+        load(path, {"num_samples": 0})
+    with pytest.raises(ConfigError, match="--ff-dropout must be in"):
+        load(path, base_overrides={"ff_dropout": 1.5})
