@@ -72,9 +72,10 @@ def original_pipeline_samples_per_s(root: str, batch_size: int, batches: int = 1
     return seen / (time.perf_counter() - started)
 
 
-def local_session(report) -> Session:
-    """A Session with no Ray: one process, CPU, reports to ``report(metrics)``."""
-    return Session(0, 1, torch.device("cpu"), lambda metrics, _checkpoint: report(metrics), lambda: None, lambda model: model)
+def local_session(report, device: str = "cpu") -> Session:
+    """A Session with no Ray: one process on ``device``, reporting to ``report(metrics)``."""
+    device = torch.device(device)
+    return Session(0, 1, device, lambda metrics, _checkpoint: report(metrics), lambda: None, lambda model: model.to(device))
 
 
 def optuna_sweep(

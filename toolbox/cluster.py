@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -18,6 +19,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def dashboard_available() -> bool:
+    """Ray's dashboard needs ray[default]'s extras; without them ray.init(include_dashboard=True) fails."""
+    return all(importlib.util.find_spec(name) for name in ("aiohttp_cors", "opencensus"))
 
 
 def quiet_ray() -> None:
@@ -64,13 +70,17 @@ def start(
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
         return None
     port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    dashboard = dashboard_available()
+    if dashboard:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    else:
+        log.warning("Ray's dashboard is off: its dependencies are missing (pip install 'ray[default]')")
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         log_to_driver=verbose,
@@ -79,7 +89,7 @@ def start(
         resources=extra_resources or None,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
     )
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}" if dashboard else None
 
 
 def check_capacity(

@@ -51,8 +51,13 @@ class TensorData:
         return cls(**tensors, **{k: v for k, v in shared.items() if k not in TENSORS})
 
     def to(self, device: torch.device) -> TensorData:
+        """A copy on ``device``. On a GPU the inputs are normalized once there: fewer kernels per step."""
         moved = {k: getattr(self, k).to(device) for k in TENSORS}
-        return TensorData(**moved, num_classes=self.num_classes, scale=self.scale, mean=self.mean, std=self.std)
+        if torch.device(device).type != "cuda":
+            return TensorData(**moved, num_classes=self.num_classes, scale=self.scale, mean=self.mean, std=self.std)
+        for key in ("train_x", "val_x"):
+            moved[key] = self.normalize(moved[key])
+        return TensorData(**moved, num_classes=self.num_classes)
 
 
 @DATASETS.register("DummyDataset", prefix="dummy")

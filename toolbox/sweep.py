@@ -8,6 +8,7 @@ STORAGE/NAME/ gets results.parquet, results.csv, best.json and plots/*.png.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -94,6 +95,11 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.seed is not None:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
+    if not sweep.trials_in_process and not args.address and not cluster.dashboard_available():
+        raise ConfigError(
+            "trials with a TorchTrainer need Ray's dashboard, which is not installed (pip install 'ray[default]'): "
+            "without it each trial leaks a worker CPU and the sweep hangs (ray-project/ray#54305)"
+        )
     if not args.address:
         cluster.check_capacity(
             sweep.workers_per_trial,
@@ -188,15 +194,21 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     )
     tuner = make_tuner(sweep, trainable, exp_dir, cpus, gpus, progress)
     interrupted = False
+    fit_started = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
         grid = tune.Tuner.restore(str(exp_dir), trainable).get_results()
+    fit_s = time.time() - fit_started
     rows = results.trial_rows(grid, sweep, progress.startup_s)
     print(results.format_table(rows, sweep), flush=True)
     best = results.write(rows, sweep, exp_dir)
-    log.info("wall time %.0f s; results: %s/results.parquet (.csv), best.json, plots/", time.time() - started, exp_dir)
+    summary = {"wall_s": time.time() - started, "fit_s": fit_s, "trials": len(rows), "epochs": sum(r["epochs"] for r in rows)}
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "wall time %.0f s (Tune %.0f s); results: %s/results.parquet (.csv), best.json, plots/", summary["wall_s"], fit_s, exp_dir
+    )
     if best and not math.isnan(best["value"]):
         log.info(
             "best %s %.4f (trial %s, epoch %d); checkpoint %s",
