@@ -34,13 +34,3 @@ def ray_never_starts(monkeypatch) -> None:
         raise RayStarted(f"toolbox.cluster.start{args} was called")
 
     monkeypatch.setattr(toolbox.cluster, "start", start)
-
-
-@pytest.fixture
-def shutdown_ray():
-    """After a test that ran Ray in this process: make sure it is shut down (a timeout can skip main's own)."""
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()

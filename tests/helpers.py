@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny MNIST IDX files, the training loop without Ray, and toolbox.run in-process."""
+"""Shared test helpers: tiny MNIST IDX files, the training loop without Ray, checkpoint and weight checks."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def write_tiny_mnist(root: Path, n_train: int = 64, n_val: int = 32, seed: int =
     return written
 
 
-def local_session(rows: list[dict], checkpoints: Path | None = None, resume_dir: Path | None = None) -> Session:
+def local_session(rows: list[dict], checkpoints: Path | None = None) -> Session:
     """A one-process Session (no Ray): reported rows go to ``rows``, checkpoints are copied to CHECKPOINTS/epoch_N."""
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:

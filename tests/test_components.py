@@ -16,35 +16,12 @@ from toolbox.data import DATASETS, TensorData, build_dataset
 from toolbox.losses import CRITERIA
 from toolbox.metrics import METRICS
 from toolbox.models import MODELS, build_model
-from toolbox.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, lr_schedule
-
-# Known toolbox bugs, as strict xfails: when one is fixed, its XPASS fails the suite; then drop the entry.
-RUNS_A_STEP_BUGS: dict = {}  # (kind, name) -> mark, for test_every_component_builds_and_trains
-# name -> mark, for test_scheduler_resumes_from_a_weights_only_checkpoint with more epochs (--resume ... --epochs N)
-RESUME_LONGER_BUGS = {
-    "one_cycle_lr": pytest.mark.xfail(
-        raises=ValueError,
-        strict=True,
-        reason="toolbox bug: OneCycleLR.load_state_dict restores the old total_steps; stepping past it raises",
-    ),
-    **{
-        name: pytest.mark.xfail(
-            raises=AssertionError,
-            strict=True,
-            reason="toolbox bug: the first step after resume uses the old schedule's last lr (LambdaLR recomputes only at step())",
-        )
-        for name in ("linear_lr", "cosine_annealing_lr", "linear_then_cosine_annealing_lr")
-    },
-}
+from toolbox.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, load_optimizer_and_scheduler, lr_schedule
 
 
 def registered(*registries):
     """pytest params (registry, name) for every registered component of these kinds."""
-    return [
-        pytest.param(r, c.name, id=f"{r.kind}-{c.name}", marks=RUNS_A_STEP_BUGS.get((r.kind, c.name), ()))
-        for r in registries
-        for c in r
-    ]
+    return [pytest.param(r, c.name, id=f"{r.kind}-{c.name}") for r in registries for c in r]
 
 
 def tiny_config(mnist_root, **given) -> dict:
@@ -235,7 +212,6 @@ def _resume_cases() -> list:
                     component.name,
                     more_epochs,
                     id=f"{component.name}-{'more' if more_epochs else 'same'}-epochs",
-                    marks=RESUME_LONGER_BUGS.get(component.name, ()) if more_epochs else (),
                 )
             )
     return cases
@@ -275,8 +251,7 @@ def test_scheduler_resumes_from_a_weights_only_checkpoint(name, more_epochs):
     state = torch.load(buffer, weights_only=True)
 
     optimizer, scheduler, interval = fresh(config)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    load_optimizer_and_scheduler(optimizer, scheduler, state["optimizer"], state["scheduler"])
     tail = run(optimizer, scheduler, interval, 2 * steps_per_epoch)
 
     expected = lr_schedule(config, steps_per_epoch)

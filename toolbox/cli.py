@@ -43,7 +43,9 @@ def _argument(annotation: Any) -> dict[str, Any]:
 
 def _describe(component: Component) -> str:
     params = ", ".join(f"{p.flag} {_show(p.default)}" for p in component.params)
-    return f"{component.name}: {component.summary}" + (f" [{params}]" if params else "")
+    interval = component.meta.get("interval")
+    stepping = f" Steps once per {'optimizer step' if interval == 'step' else 'epoch'}." if interval else ""
+    return f"{component.name}: {component.summary}{stepping}" + (f" [{params}]" if params else "")
 
 
 def _show(value: Any) -> str:
@@ -68,7 +70,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
     for registry in KINDS:
         default = next(o.default for o in TRAINING_OPTIONS if o.key == registry.selector)
-        description = f"choose with {flag(registry.selector)} (default {default}). " + "; ".join(map(_describe, registry))
+        description = f"choose with {flag(registry.selector)} (default {default}):\n  " + "\n  ".join(map(_describe, registry))
         group = parser.add_argument_group(f"{registry.kind}s", description)
         for key, param in registry.keys().items():
             users = [f"{c.name}={_show(p.default)}" for c in registry for p in c.params if p.key == key]

@@ -102,7 +102,7 @@ def check_capacity(
 ) -> None:
     """Refuse a request Ray could never place (it would wait forever instead of failing)."""
     if cpus is None:
-        cpus = float(os.cpu_count() or 1)
+        cpus = float(len(os.sched_getaffinity(0)))  # what this process may use, not the host's count
     if gpus is None:
         import torch
 

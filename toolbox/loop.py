@@ -21,7 +21,7 @@ from toolbox.data import TensorData
 from toolbox.losses import CRITERIA
 from toolbox.metrics import METRICS
 from toolbox.models import build_model
-from toolbox.optim import build_optimizer, build_scheduler
+from toolbox.optim import build_optimizer, build_scheduler, load_optimizer_and_scheduler
 
 EVAL_BATCH = 2048
 
@@ -101,6 +101,26 @@ def _apply_new_hparams(state: dict, config: dict) -> None:
                 group[key] = config[key]
 
 
+def _continue_from(state: dict, config: dict, session: Session, optimizer, scheduler) -> tuple[int, int, float]:
+    """Load optimizer, scheduler and this rank's RNG from a checkpoint; returns (epoch, global step, best val loss)."""
+    _apply_new_hparams(state, config)
+    load_optimizer_and_scheduler(optimizer, scheduler, state["optimizer"], state["scheduler"])
+    per_rank = state["rng"].get("per_rank", [state["rng"]["torch"]])
+    if session.rank < len(per_rank):
+        torch.set_rng_state(per_rank[session.rank])
+    return state["epoch"], state["global_step"], state["best_val_loss"]
+
+
+def _rng_states(session: Session) -> dict:
+    """Every rank's torch RNG state (dropout), so a resumed DDP run draws what the uninterrupted one would."""
+    own = torch.get_rng_state()
+    per_rank = [own]
+    if session.world_size > 1:
+        per_rank = [None] * session.world_size
+        torch.distributed.all_gather_object(per_rank, own)
+    return {"torch": own, "per_rank": per_rank}
+
+
 def train(config: dict, data: TensorData, session: Session, resume_from: str | None = None) -> None:
     """Train for config["epochs"], reporting one row and one checkpoint per epoch."""
     torch.manual_seed(config["seed"])  # same initial weights on every rank
@@ -118,12 +138,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
     start_epoch, global_step, best_val_loss = 0, 0, math.inf
     torch.manual_seed(config["seed"] + 1 + session.rank)  # dropout differs per rank
     if state is not None:
-        _apply_new_hparams(state, config)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step, best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
-        if session.rank == 0:
-            torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, global_step, best_val_loss = _continue_from(state, config, session, optimizer, scheduler)
     if state is not None and start_epoch >= config["epochs"]:
         session.report(state["row"], None)  # already done (a re-run finished run or trial): say so again
         return
@@ -173,7 +188,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
             "scheduler": scheduler.state_dict(),
             "epoch": epoch + 1,
             "global_step": global_step,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": _rng_states(session),
             "best_val_loss": best_val_loss,
             "val_loss": val["val_loss"],
             "config": config,

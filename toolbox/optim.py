@@ -41,7 +41,7 @@ def adam(params, /, *, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params, /, *, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False):
+def sgd(params, /, *, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False):
     """SGD with (optionally Nesterov) momentum."""
     _check_lr(lr, weight_decay)
     if not 0.0 <= momentum < 1.0:
@@ -130,20 +130,21 @@ def one_cycle_lr(
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
 ):
-    """torch's OneCycleLR peaking at --lr after warmup_epochs (cosine up, cosine down)."""
+    """One cycle (as torch's OneCycleLR, without momentum cycling): cosine from lr/div_factor up to lr
+    over warmup_epochs, then cosine down to lr/(div_factor*final_div_factor) at the last step."""
+    if div_factor <= 0 or final_div_factor <= 0:
+        raise ConfigError("--div-factor and --final-div-factor must be > 0")
     total = steps_per_epoch * epochs
-    # torch needs >= 2 warmup steps and >= 1 annealing step; the extra step keeps the last lr defined.
-    warmup = min(max(_warmup_steps(warmup_epochs, steps_per_epoch, total), 2), max(2, total - 1))
-    total_steps = max(total + 1, warmup + 2)
-    max_lrs = [group["lr"] for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=max_lrs,
-        total_steps=total_steps,
-        pct_start=warmup / total_steps,
-        div_factor=div_factor,
-        final_div_factor=final_div_factor,
-    )
+    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+    start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 1 - (1 - start) * _cosine(step, 0, warmup, 0.0)
+        return _cosine(step, warmup, total, end)
+
+    # A factor of the step, like the others: its state holds no total, so a resumed run may be longer.
+    return _per_step(optimizer, factor)
 
 
 @SCHEDULERS.register("step_lr", interval="epoch")
@@ -162,6 +163,17 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int) -> tuple[LRSc
     """The scheduler and its interval ("step" or "epoch")."""
     component = SCHEDULERS[config["scheduler"]]
     return component.build(optimizer, steps_per_epoch, config["epochs"], config=config), component.meta["interval"]
+
+
+def load_optimizer_and_scheduler(optimizer, scheduler: LRScheduler, optimizer_state: dict, scheduler_state: dict) -> None:
+    """Continue from saved states. A per-step factor is rebuilt from the current config, so a run
+    resumed with more epochs follows the longer schedule from its very first step."""
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if isinstance(scheduler, LambdaLR):
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def lr_schedule(config: dict, steps_per_epoch: int) -> list[float]:

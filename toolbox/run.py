@@ -30,6 +30,10 @@ checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir
 """
 
 
+RESOURCES_FILE = "resources.json"
+RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="python -m toolbox.run",
@@ -39,9 +43,10 @@ def build_parser() -> Parser:
     )
     add_config_flags(parser)
     ray_flags = parser.add_argument_group("ray")
-    ray_flags.add_argument("--workers", type=int, default=1, help="DDP workers (default: 1)")
-    ray_flags.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    ray_flags.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (and torch threads) per worker (default: 1)")
+    # Defaults are None so that a same-name re-run can keep the run's own resources (run.json).
+    ray_flags.add_argument("--workers", type=int, help="DDP workers (default: 1)")
+    ray_flags.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, help="one GPU per worker")
+    ray_flags.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 1)")
     ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
     ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
     ray_flags.add_argument("--address", help="an existing Ray cluster (default: start a private local one)")
@@ -66,6 +71,10 @@ def prepare(argv: list[str] | None) -> Plan:
     args = build_parser().parse_args(argv)
     args.name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(args.storage).expanduser().resolve() / args.name
+    saved = json.loads((run_dir / RESOURCES_FILE).read_text()) if (run_dir / RESOURCES_FILE).is_file() else {}
+    for key, default in RESOURCE_DEFAULTS.items():  # a re-run keeps its workers unless told otherwise
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, default))
     resume_path = args.resume or (str(run_dir) if run_dir.is_dir() and any(run_dir.rglob("state.pt")) else None)
     state = None
     if resume_path:
@@ -143,6 +152,8 @@ def fit(plan: Plan):
     epoch_log = EpochLog(plan.run_dir)
     epoch_log.log(f"config {json.dumps(config)}")
     (plan.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
+    (plan.run_dir / RESOURCES_FILE).write_text(json.dumps(resources))
     if url:
         log.info("Ray dashboard: %s", url)
     if plan.resume_from:

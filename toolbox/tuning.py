@@ -35,11 +35,25 @@ def trial_scheduler(sweep: Sweep):
     if sweep.trial_scheduler == "median_stopping":
         return tune.schedulers.MedianStoppingRule(**common, **{"grace_period": 1, "min_samples_required": 3} | options)
     if sweep.trial_scheduler == "pbt":
-        mutations = {k: v for k, v in sweep.space.items() if hasattr(v, "sample") or isinstance(v, list)}
+        mutations = {k: m for k, m in ((k, _mutation(v)) for k, v in sweep.space.items()) if m is not None}
         return tune.schedulers.PopulationBasedTraining(
             **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options
         )
     return tune.schedulers.FIFOScheduler()
+
+
+def _mutation(value):
+    """PBT perturbs numbers by factors: categorical values must go to it as lists (it shifts along them)."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(value, Categorical):
+        return list(value.categories)
+    if isinstance(value, dict):
+        if set(value) == {"grid_search"}:
+            return list(value["grid_search"])
+        nested = {k: _mutation(v) for k, v in value.items()}
+        return {k: v for k, v in nested.items() if v is not None} or None
+    return value if isinstance(value, Domain) else None
 
 
 class Progress(tune.Callback):

@@ -1,0 +1,71 @@
+"""The training loop in this process (no Ray): resuming from a checkpoint continues the run bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_DUMMY, assert_same_weights, train_locally
+
+from toolbox.checkpoint import load_state, save_state
+from toolbox.config import resolve
+from toolbox.data import build_dataset
+from toolbox.optim import SCHEDULERS
+
+RESUMABLE = {**TINY_DUMMY, "batch_size": 16, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "epochs": 4}
+
+
+def compare_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("lr", "train_loss", "val_loss", "global_step"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6), (x["epoch"], key)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS.names())
+def test_an_interrupted_run_resumes_exactly(scheduler, tmp_path):
+    """Epochs 3-4 resumed from the epoch-2 checkpoint equal those of the uninterrupted run (weights, lr, losses)."""
+    config = resolve({**RESUMABLE, "scheduler": scheduler})
+    data = build_dataset(config)
+    full = train_locally(config, data, checkpoints=tmp_path / "full")
+    resumed = train_locally(config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_2")
+    compare_rows(resumed, full[2:])
+    assert_same_weights(load_state(tmp_path / "resumed" / "epoch_4")["model"], load_state(tmp_path / "full" / "epoch_4")["model"])
+
+
+def test_resume_with_more_epochs_equals_the_longer_run_and_needs_the_rng_state(tmp_path):
+    """``--resume RUN --epochs 4`` after 2 epochs (step_lr: its state, not the total, sets the lr), and its controls."""
+    config = resolve({**RESUMABLE, "scheduler": "step_lr", "step_size": 1, "gamma": 0.5})
+    data = build_dataset(config)
+    full = train_locally(config, data, checkpoints=tmp_path / "full")
+    train_locally({**config, "epochs": 2}, data, checkpoints=tmp_path / "half")
+    state = load_state(tmp_path / "half" / "epoch_2")
+    resumed_config = resolve({"epochs": 4}, base=state["config"])
+    assert resumed_config == config
+
+    resumed = train_locally(resumed_config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "half" / "epoch_2")
+    compare_rows(resumed, full[2:])
+    assert [r["lr"] for r in full] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    final = load_state(tmp_path / "full" / "epoch_4")["model"]
+    assert_same_weights(load_state(tmp_path / "resumed" / "epoch_4")["model"], final)
+
+    # Control: with another RNG state (other dropout masks) the resumed weights differ, so the check above has teeth.
+    other = torch.manual_seed(123).get_state()
+    state["rng"] = {"torch": other, "per_rank": [other]}
+    (tmp_path / "other_rng").mkdir()
+    save_state(tmp_path / "other_rng", state)
+    train_locally(resumed_config, data, checkpoints=tmp_path / "control", resume_from=tmp_path / "other_rng")
+    control = load_state(tmp_path / "control" / "epoch_4")["model"]
+    assert any(not torch.equal(control[k], final[k]) for k in final)
+
+
+def test_checkpoint_holds_the_full_training_state(tmp_path):
+    config = resolve({**RESUMABLE, "epochs": 2, "scheduler": "step_lr"})
+    rows = train_locally(config, build_dataset(config), checkpoints=tmp_path)
+    state = torch.load(tmp_path / "epoch_2" / "state.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "global_step", "rng", "best_val_loss", "config"} <= state.keys()
+    assert state["epoch"] == 2 and state["global_step"] == 2 * 64 // 16 == rows[-1]["global_step"]
+    assert state["config"] == config
+    assert state["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows))
+    assert state["scheduler"]["last_epoch"] == 2  # step_lr steps once per epoch
+    assert state["rng"]["torch"].dtype == torch.uint8
+    assert len(state["optimizer"]["state"]) == len(list(state["model"]))
