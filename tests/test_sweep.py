@@ -184,3 +184,25 @@ def test_train_in_tune_trials_free_their_workers(tmp_path):
     assert len(rows) == 4 and all(r["epochs"] >= 1 for r in rows)
     assert any(r["status"] == "stopped" for r in rows), "ASHA should stop a hopeless trial"
     assert rows[0]["checkpoint"] and "/train/checkpoint_" in rows[0]["checkpoint"]  # the trial's own Train run
+
+
+@pytest.mark.timeout(300)
+def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        space = {"optimizer": tune.choice(["adamw", "sgd"]), "lr": tune.loguniform(1e-4, 3e-2)}
+        num_samples = 4
+        epochs = 6
+        trial_scheduler = "pbt"
+        """,
+        "pbt",
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path), "--seed", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "pbt" / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "done" and r["epochs"] == 6 for r in rows), rows
+    policies = list((tmp_path / "pbt").glob("pbt_policy_*.txt"))
+    assert policies, "no trial exploited another one"
+    exploited = [d for d, starts in trial_starts(tmp_path / "pbt").items() if starts > 1]
+    assert exploited, "an exploiting trial restarts from the other trial's checkpoint"

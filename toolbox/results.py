@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
         values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
         epochs = int(history[-1]["epoch"]) if history else 0
         config = sweep.trial_config(result.config or {})
-        trial_id = (result.metrics or {}).get("trial_id", Path(result.path or "?").name)
+        # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
+        match = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
+        trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
         rows.append(
             {
                 "trial_id": trial_id,

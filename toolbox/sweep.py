@@ -119,6 +119,15 @@ def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
     return max(1, int(min(fits)))
 
 
+def trial_checkpoints(sweep: Sweep):
+    """Keep each trial's best and latest; PBT keeps all: any of them may be exploited by another trial."""
+    from ray import tune
+
+    if sweep.trial_scheduler == "pbt":
+        return tune.CheckpointConfig(num_to_keep=None)
+    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric, checkpoint_score_order=sweep.mode)
+
+
 def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float, progress):
     from ray import tune
 
@@ -144,9 +153,7 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
             storage_path=str(exp_dir.parent),
             verbose=0,
             callbacks=[progress],
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=sweep.metric, checkpoint_score_order=sweep.mode
-            ),
+            checkpoint_config=trial_checkpoints(sweep),
             failure_config=tune.FailureConfig(max_failures=1),
         ),
     )
