@@ -52,10 +52,12 @@ def _show(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for every config key; each defaults to "not given" so that defaults come from resolve()."""
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Flags for every config key but ``exclude``; each defaults to "not given", so defaults come from resolve()."""
     training = parser.add_argument_group("training")
     for option in TRAINING_OPTIONS:
+        if option.key in exclude:
+            continue
         if option.key == METRICS.selector:
             kwargs = {"nargs": "+", "metavar": "METRIC"}
             names = "; ".join(_describe(m) for m in METRICS)

@@ -22,7 +22,7 @@ from toolbox.cli import Parser, add_config_flags, given_config
 from toolbox.config import check_against_data, check_components
 from toolbox.data import build_dataset
 from toolbox.registry import ConfigError
-from toolbox.sweepfile import Sweep, load
+from toolbox.sweepfile import FIELDS, Sweep, load
 from toolbox.trial import TRAIN_DRIVER_RESOURCE, run_trial
 
 log = logging.getLogger("toolbox")
@@ -60,38 +60,16 @@ def build_parser() -> Parser:
     runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
     runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
     runtime.add_argument("--verbose", action="store_true", help="show Ray's own logs")
-    base = argparse.ArgumentParser(add_help=False)
-    add_config_flags(base)  # any run key, as a base-config override: --mnist-root, --batch-size, ...
-    for group in base._action_groups[2:]:
-        parser._action_groups.append(group)
-        for action in group._group_actions:
-            if action.dest not in {"epochs", "seed"}:
-                parser._add_action(action)
+    add_config_flags(parser, exclude=("epochs", "seed"))  # any run key overrides the base: --mnist-root, ...
     return parser
 
 
 def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     args = build_parser().parse_args(argv)
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "num_samples",
-            "epochs",
-            "metric",
-            "mode",
-            "trial_scheduler",
-            "search",
-            "workers_per_trial",
-            "cpus_per_worker",
-            "gpus_per_trial",
-            "max_concurrent",
-            "in_process",
-            "name",
-        )
-    }
+    overrides = {name: getattr(args, name, None) for name in FIELDS if name not in ("space", "base", "scheduler_options")}
     base_overrides = given_config(args)
-    base_overrides.pop("epochs", None)
-    base_overrides.pop("seed", None)
+    for own in ("epochs", "seed"):  # the sweep's own flags (None when not given), not base keys
+        base_overrides.pop(own, None)
     if args.seed is not None:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
