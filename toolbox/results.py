@@ -161,6 +161,8 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
             ax.plot(
                 [h["epoch"] for h in history],
                 [h[sweep.metric] for h in history],
+                marker="o",
+                markersize=3,
                 alpha=1.0 if rank < top else 0.35,
                 lw=2 if rank < top else 1,
                 label=f"#{rank + 1} {row['trial_id']}" if rank < top else None,
@@ -172,13 +174,17 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    peak = 0.0
     for rank, row in enumerate(rows[:top]):
         history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
         config = sweep.trial_config({k: v for k, v in row.items() if k in sweep.space})
         steps = history[0].get("steps_per_epoch") if history else None
         steps = steps or 100
         lrs = lr_schedule(config, steps)
+        peak = max(peak, *lrs)
         ax.plot([i / steps for i in range(len(lrs))], lrs, label=f"#{rank + 1} {config['optimizer']}/{config['scheduler']}")
+    if peak:
+        ax.set_ylim(bottom=peak / 1e4)  # annealing to ~0 would stretch a log axis to 1e-10
     ax.set(
         xlabel="epoch",
         ylabel="learning rate",
