@@ -9,7 +9,7 @@ from helpers import TINY_DUMMY, assert_same_weights, train_locally
 from toolbox.checkpoint import load_state, save_state
 from toolbox.config import resolve
 from toolbox.data import build_dataset
-from toolbox.optim import SCHEDULERS
+from toolbox.optim import SCHEDULERS, lr_schedule
 
 RESUMABLE = {**TINY_DUMMY, "batch_size": 16, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "epochs": 4}
 
@@ -69,3 +69,16 @@ def test_checkpoint_holds_the_full_training_state(tmp_path):
     assert state["scheduler"]["last_epoch"] == 2  # step_lr steps once per epoch
     assert state["rng"]["torch"].dtype == torch.uint8
     assert len(state["optimizer"]["state"]) == len(list(state["model"]))
+
+
+def test_a_checkpoint_of_another_optimizer_and_scheduler_continues_the_weights(tmp_path):
+    """PBT may hand a trial the checkpoint of a trial with another optimizer: weights carry over, the rest starts afresh."""
+    adamw = resolve({**RESUMABLE, "optimizer": "adamw", "scheduler": "none"})
+    data = build_dataset(adamw)
+    train_locally({**adamw, "epochs": 2}, data, checkpoints=tmp_path / "adamw")
+    sgd = resolve({**RESUMABLE, "optimizer": "sgd", "scheduler": "cosine_annealing_lr", "lr": 0.05})
+    rows = train_locally(sgd, data, checkpoints=tmp_path / "sgd", resume_from=tmp_path / "adamw" / "epoch_2")
+    assert [r["epoch"] for r in rows] == [3, 4]
+    expected_lr = lr_schedule(sgd, rows[0]["steps_per_epoch"])[2 * rows[0]["steps_per_epoch"]]
+    assert rows[0]["lr"] == pytest.approx(expected_lr)  # the cosine schedule at epoch 3, not at its start
+    assert rows[0]["lr"] < 0.05

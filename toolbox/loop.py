@@ -21,7 +21,7 @@ from toolbox.data import TensorData
 from toolbox.losses import CRITERIA
 from toolbox.metrics import METRICS
 from toolbox.models import build_model
-from toolbox.optim import build_optimizer, build_scheduler, load_optimizer_and_scheduler
+from toolbox.optim import build_optimizer, build_scheduler, fast_forward, load_optimizer_and_scheduler
 
 EVAL_BATCH = 2048
 
@@ -101,10 +101,14 @@ def _apply_new_hparams(state: dict, config: dict) -> None:
                 group[key] = config[key]
 
 
-def _continue_from(state: dict, config: dict, session: Session, optimizer, scheduler) -> tuple[int, int, float]:
+def _continue_from(state: dict, config: dict, session: Session, optimizer, scheduler, interval: str) -> tuple[int, int, float]:
     """Load optimizer, scheduler and this rank's RNG from a checkpoint; returns (epoch, global step, best val loss)."""
-    _apply_new_hparams(state, config)
-    load_optimizer_and_scheduler(optimizer, scheduler, state["optimizer"], state["scheduler"])
+    old = state["config"]
+    if (old["optimizer"], old["scheduler"]) == (config["optimizer"], config["scheduler"]):
+        _apply_new_hparams(state, config)
+        load_optimizer_and_scheduler(optimizer, scheduler, state["optimizer"], state["scheduler"])
+    else:  # PBT switched the optimizer or scheduler: theirs start afresh, the schedule at this point of the run
+        fast_forward(scheduler, state["global_step"] if interval == "step" else state["epoch"])
     per_rank = state["rng"].get("per_rank", [state["rng"]["torch"]])
     if session.rank < len(per_rank):
         torch.set_rng_state(per_rank[session.rank])
@@ -138,7 +142,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
     start_epoch, global_step, best_val_loss = 0, 0, math.inf
     torch.manual_seed(config["seed"] + 1 + session.rank)  # dropout differs per rank
     if state is not None:
-        start_epoch, global_step, best_val_loss = _continue_from(state, config, session, optimizer, scheduler)
+        start_epoch, global_step, best_val_loss = _continue_from(state, config, session, optimizer, scheduler, interval)
     if state is not None and start_epoch >= config["epochs"]:
         session.report(state["row"], None)  # already done (a re-run finished run or trial): say so again
         return

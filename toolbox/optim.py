@@ -8,6 +8,7 @@ Optimizer: ``fn(params, /, *, <config>)``. Scheduler: ``fn(optimizer, steps_per_
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -174,6 +175,14 @@ def load_optimizer_and_scheduler(optimizer, scheduler: LRScheduler, optimizer_st
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def fast_forward(scheduler: LRScheduler, steps: int) -> None:
+    """Step a fresh scheduler to where a run already is (no optimizer steps are taken)."""
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def lr_schedule(config: dict, steps_per_epoch: int) -> list[float]:

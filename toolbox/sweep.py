@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -151,6 +152,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if args.restart and exp_dir.exists():
         log.info("--restart: removing %s", exp_dir)
         shutil.rmtree(exp_dir)
+    random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
     url = cluster.start(args.address, verbose=args.verbose, extra_resources={TRAIN_DRIVER_RESOURCE: 1000})
     if url:
