@@ -206,3 +206,12 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
     assert policies, "no trial exploited another one"
     exploited = [d for d, starts in trial_starts(tmp_path / "pbt").items() if starts > 1]
     assert exploited, "an exploiting trial restarts from the other trial's checkpoint"
+
+
+@pytest.mark.timeout(300)
+def test_optuna_search_runs_the_sweep(tmp_path):
+    proc = sweep("sweeps/smoke.py", "--storage", str(tmp_path), "--search", "optuna", "--num-samples", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "smoke" / "results.parquet").to_pylist()
+    assert len(rows) == 3 and all(r["epochs"] >= 1 for r in rows)
+    assert all(1e-3 <= r["lr"] <= 3e-2 for r in rows)  # sampled by Optuna within the space
