@@ -127,7 +127,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     path = write(
         tmp_path,
         """\
-        space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3])}
+        space = {"lr": tune.loguniform(1e-3, 1e-2)}  # random: a killed grid_search can lose unstarted points (Tune)
+        num_samples = 6
         epochs = 3
         trial_scheduler = "fifo"
         max_concurrent = 1
@@ -151,7 +152,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert len(finished_lines) >= 2, "the sweep never finished two trials"
-    done_before = {d for d, n in trial_starts(exp_dir).items() if pq.read_table(exp_dir / d / "epochs.parquet").num_rows == 3}
+    done_before = {d for d in trial_starts(exp_dir) if pq.read_table(exp_dir / d / "epochs.parquet").num_rows == 3}
     assert len(done_before) >= 2
 
     proc = sweep(str(path), "--storage", str(tmp_path))
@@ -161,7 +162,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(rows) == 6 and all(r["epochs"] == 3 for r in rows)
     starts = trial_starts(exp_dir)
     assert len(starts) == 6
-    assert all(starts[d] == 1 for d in done_before), starts  # finished trials never ran again
+    for d in done_before:  # finished trials never train again: each epoch was logged once
+        assert trained_epochs(exp_dir / d) == 3, (exp_dir / d / "training.log").read_text()
+    # Tune snapshots its state after each step, so one trial killed between its last epoch and that
+    # snapshot may be started again (one at a time here); it finds its final checkpoint and only
+    # reports it. Every other finished trial is not started at all.
+    assert sum(starts[d] > 1 for d in done_before) <= 1, starts
+
+
+def trained_epochs(trial_dir: Path) -> int:
+    return sum(1 for line in (trial_dir / "training.log").read_text().splitlines() if " epoch " in line and "val_loss" in line)
 
 
 @pytest.mark.timeout(400)

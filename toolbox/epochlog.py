@@ -42,8 +42,10 @@ class EpochLog:
 
     def append(self, metrics: dict) -> str:
         row = {k: v for k, v in metrics.items() if k not in HIDDEN and isinstance(v, (int, float))}
-        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]  # a retried epoch replaces
         line = format_row(row, self.epochs)
+        if row in self.rows:  # a finished run re-reporting its last epoch: nothing new to write
+            return line
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]  # a retried epoch replaces
         self.log(line)
         with open(self.run_dir / CSV_FILE, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
