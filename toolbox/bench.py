@@ -112,14 +112,7 @@ def sweep_figures(out: Path, name: str, sweep_file: str, *extra: str) -> dict:
         "compute_s": compute,
         "best": rows[0][sweep.metric],
         "startup_s": [r["startup_s"] for r in rows if r["startup_s"] == r["startup_s"]],
-        "params": [
-            {
-                k: (tuple(json.loads(r[k])) if isinstance(r[k], str) and r[k].startswith("[") else r[k])
-                for k in sweep.space
-                if r.get(k) is not None
-            }
-            for r in rows
-        ],
+        "configs": [resolve(json.loads(r["config"])) for r in rows],  # exactly what each trial ran
     }
 
 
@@ -244,8 +237,8 @@ def bench_sweep(table: Table, args, out: Path) -> None:
         asha["wall_s"] <= 1.3 * ideal,
         f"Tune's own fit: {asha['fit_s']:.0f} s",
     )
-    sweep = load(args.sweep_file, {"epochs": args.epochs}, _base_overrides(args))
-    configs = [sweep.trial_config(p) for p in asha["params"]]
+    sweep = load(args.sweep_file)  # for its metric and mode
+    configs = asha["configs"]
     data = build_dataset(configs[0])
     optuna = optuna_sweep(configs, data, sweep.metric, sweep.mode, concurrency=2)
     ours_per_epoch = asha["wall_s"] / asha["epochs"]
@@ -296,10 +289,6 @@ def bench_sweep(table: Table, args, out: Path) -> None:
         "within 0.3 points",
         abs(asha["best"] - grid["best"]) <= 0.3,
     )
-
-
-def _base_overrides(args) -> dict:
-    return {"mnist_root": args.mnist_root} if args.mnist_root else {}
 
 
 def bench_memory(table: Table, args, out: Path) -> None:

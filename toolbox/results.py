@@ -47,6 +47,7 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
                 "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
                 "checkpoint": _best_checkpoint(result.path, history, sweep),
                 "trial_dir": result.path,
+                "config": config,  # the trial's full run config (a JSON column in the results files)
             }
         )
     sign = -1 if sweep.mode == "max" else 1
@@ -76,11 +77,11 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         return None
-    table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
+    table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows])
     pq.write_table(table, out_dir / "results.parquet")
     pacsv.write_csv(table, out_dir / "results.csv")
     best = rows[0]
-    config = sweep.trial_config({k: v for k, v in best.items() if k in sweep.space})
+    config = best["config"]
     summary = {
         "trial_id": best["trial_id"],
         "metric": sweep.metric,
@@ -177,7 +178,7 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     peak = 0.0
     for rank, row in enumerate(rows[:top]):
         history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
-        config = sweep.trial_config({k: v for k, v in row.items() if k in sweep.space})
+        config = row["config"]
         steps = history[0].get("steps_per_epoch") if history else None
         steps = steps or 100
         lrs = lr_schedule(config, steps)

@@ -43,7 +43,7 @@ def build_parser() -> Parser:
     )
     add_config_flags(parser)
     ray_flags = parser.add_argument_group("ray")
-    # Defaults are None so that a same-name re-run can keep the run's own resources (run.json).
+    # Defaults are None so that a same-name re-run can keep the run's own resources (resources.json).
     ray_flags.add_argument("--workers", type=int, help="DDP workers (default: 1)")
     ray_flags.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, help="one GPU per worker")
     ray_flags.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 1)")
