@@ -1,0 +1,80 @@
+"""toolbox.bench end to end on tiny MNIST files, and its harness for the original toolbox."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from toolbox.baselines import original_toolbox_epoch_s
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_path):
+    root, _ = tiny_mnist
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "toolbox.bench", "--only", "data", "--mnist-root", str(root), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    figures = [row["figure"] for row in rows]
+    assert len(figures) == 4, figures
+    assert any("plain PyTorch loop" in f and "1 thread" in f for f in figures)
+    assert any("`toolbox.run` vs the original" in f for f in figures)
+    for row in rows:
+        assert row["toolbox"] > 0 and row["baseline"] > 0, row
+        assert math.isclose(row["ratio"], row["toolbox"] / row["baseline"]), row
+        assert f"| {row['figure']} |" in done.stdout  # the markdown table carries every row
+    assert "rebuilt" in next(r["note"] for r in rows if "the original" in r["figure"] and r["target"] != "report")
+
+
+def fake_original(checkout: Path, body: str) -> Path:
+    """A train.py that behaves like the original toolbox's at its edges: a training.log under ./outputs/<timestamp>/."""
+    checkout.mkdir()
+    (checkout / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import logging, pathlib, sys, time
+            out = pathlib.Path("outputs/2026-01-01_00-00-00")
+            out.mkdir(parents=True)
+            logging.basicConfig(filename=out / "training.log", level=logging.INFO,
+                                format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+            log = logging.getLogger("trainer")
+            assert sys.argv[sys.argv.index("--batch-size") + 1] == "128"
+            """
+        )
+        + textwrap.dedent(body)
+    )
+    return checkout
+
+
+def test_original_toolbox_epochs_are_timed_between_its_log_lines(tmp_path):
+    body = """
+        for epoch, seconds in enumerate([0.6, 0.3, 0.0]):
+            log.info(f"Epoch: {epoch}")
+            time.sleep(seconds)
+    """
+    checkout = fake_original(tmp_path / "original", body)
+    assert 0.28 <= original_toolbox_epoch_s(str(checkout), str(tmp_path), 128, epochs=3) < 0.55
+
+
+def test_original_toolbox_failures_say_what_happened(tmp_path):
+    checkout = fake_original(tmp_path / "original", 'sys.exit("no MNIST under --mnist-root")')
+    with pytest.raises(RuntimeError, match="no MNIST under --mnist-root"):
+        original_toolbox_epoch_s(str(checkout), str(tmp_path), 128)
+    with pytest.raises(FileNotFoundError, match="no train.py"):
+        original_toolbox_epoch_s(str(tmp_path / "nowhere"), str(tmp_path), 128)
+    short = fake_original(tmp_path / "short", 'log.info("Epoch: 0")')
+    with pytest.raises(RuntimeError, match="1 epoch lines, expected 3"):
+        original_toolbox_epoch_s(str(short), str(tmp_path), 128)
