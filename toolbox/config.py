@@ -139,13 +139,26 @@ def _not_taken(key: str, config: dict) -> str:
     return f"unknown option {key!r}{nearest(key, list(all_keys()))}"
 
 
-def check_components(config: dict) -> torch.nn.Module:
-    """Build every component once on the CPU, so value errors surface before Ray starts."""
+def check_components(config: dict, built: dict | None = None) -> torch.nn.Module:
+    """Build every component once on the CPU, so value errors surface before Ray starts.
+
+    ``built``, shared across calls (a sweep's candidate configs), skips a component already built
+    with the same values: a space of hundreds of candidates builds its one model once.
+    """
+    built = {} if built is None else built
+
+    def build(registry, *args):
+        component = registry[config[registry.selector]]
+        key = (registry.kind, component.name, args[1:], tuple(repr(config.get(p.key, p.default)) for p in component.params))
+        if key not in built:
+            built[key] = component.build(*args, config=config)
+        return built[key]
+
     try:
-        model = MODELS[config["arch"]].build(config=config)
-        CRITERIA[config["criterion"]].build(config=config)
-        optimizer = OPTIMIZERS[config["optimizer"]].build(model.parameters(), config=config)
-        SCHEDULERS[config["scheduler"]].build(optimizer, 10, config["epochs"], config=config)
+        model = build(MODELS)
+        build(CRITERIA)
+        optimizer = build(OPTIMIZERS, model.parameters())
+        build(SCHEDULERS, optimizer, 10, config["epochs"])  # any optimizer will do to check a schedule's values
     except ConfigError:
         raise
     except (ValueError, TypeError, ArithmeticError) as exc:  # torch's own checks of the values

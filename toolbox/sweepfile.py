@@ -156,9 +156,10 @@ def check(sweep: Sweep, where: str) -> None:
     if swept_data:
         raise ConfigError(f"{where}: {swept_data[0]!r} cannot be swept: the data is loaded once and shared by all trials")
     _check_fields(sweep, where)
+    built: dict = {}
     for params in candidate_params(sweep.space):
         try:
-            check_components(sweep.trial_config(params))
+            check_components(sweep.trial_config(params), built)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
     reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in sweep.trial_config({})["metrics"]}
