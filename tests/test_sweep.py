@@ -123,12 +123,20 @@ def test_asha_stops_bad_trials_early(tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+@pytest.mark.parametrize(
+    "space, num_samples",
+    [
+        ('{"lr": tune.loguniform(1e-3, 1e-2)}', 6),
+        ('{"lr": tune.grid_search([1e-3, 2e-3, 3e-3]), "weight_decay": tune.grid_search([0.0, 0.01])}', 1),
+    ],
+    ids=["random", "grid"],
+)
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space, num_samples):
     path = write(
         tmp_path,
-        """\
-        space = {"lr": tune.loguniform(1e-3, 1e-2)}  # random: a killed grid_search can lose unstarted points (Tune)
-        num_samples = 6
+        f"""\
+        space = {space}
+        num_samples = {num_samples}
         epochs = 3
         trial_scheduler = "fifo"
         max_concurrent = 1

@@ -19,6 +19,7 @@ from toolbox.config import check_against_data, check_components, resolve
 from toolbox.data import TensorData, build_dataset
 from toolbox.epochlog import LOG_FILE, EpochLog
 from toolbox.registry import ConfigError
+from toolbox.storage import filesystem_for
 
 log = logging.getLogger("toolbox")
 
@@ -172,6 +173,7 @@ def fit(plan: Plan):
         run_config=RunConfig(
             name=args.name,
             storage_path=str(plan.run_dir.parent),
+            storage_filesystem=filesystem_for(plan.run_dir),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),

@@ -23,6 +23,7 @@ from toolbox.cli import Parser, add_config_flags, given_config
 from toolbox.config import check_against_data, check_components
 from toolbox.data import build_dataset
 from toolbox.registry import ConfigError
+from toolbox.storage import filesystem_for
 from toolbox.sweepfile import FIELDS, Sweep, load
 from toolbox.trial import TRAIN_DRIVER_RESOURCE, run_trial
 
@@ -112,9 +113,12 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
 
     from toolbox.tuning import search_algorithm, trial_scheduler
 
-    if tune.Tuner.can_restore(str(exp_dir)):
+    filesystem = filesystem_for(exp_dir)
+    if tune.Tuner.can_restore(str(exp_dir), storage_filesystem=filesystem):
         log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp_dir)
-        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     max_concurrent = concurrency(sweep, cpus, gpus)
     return tune.Tuner(
         trainable,
@@ -130,6 +134,7 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
         run_config=tune.RunConfig(
             name=sweep.name,
             storage_path=str(exp_dir.parent),
+            storage_filesystem=filesystem,
             verbose=0,
             callbacks=[progress],
             checkpoint_config=trial_checkpoints(sweep),
@@ -186,7 +191,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         grid = tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-        grid = tune.Tuner.restore(str(exp_dir), trainable).get_results()
+        grid = tune.Tuner.restore(str(exp_dir), trainable, storage_filesystem=filesystem_for(exp_dir)).get_results()
     fit_s = time.time() - fit_started
     rows = results.trial_rows(grid, sweep, progress.startup_s)
     print(results.format_table(rows, sweep), flush=True)

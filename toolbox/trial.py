@@ -14,6 +14,7 @@ import torch
 
 from toolbox.data import TensorData
 from toolbox.epochlog import EpochLog
+from toolbox.storage import filesystem_for
 from toolbox.sweepfile import Sweep
 
 # Custom resource that the Train-in-Tune trial function holds instead of a CPU (RAY-NOTES trap 8).
@@ -77,6 +78,7 @@ def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -
         run_config=RunConfig(
             name="train",
             storage_path=str(trial_dir),
+            storage_filesystem=filesystem_for(trial_dir),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),

@@ -1,0 +1,140 @@
+"""Ray storage whose files are whole or absent.
+
+Ray writes experiment state, searcher state and checkpoints to storage in place. A driver killed
+mid-write (SIGKILL, a lost terminal) then leaves a truncated ``experiment_state-*.json``, and Tune
+restores from it a sweep that has lost its trials. On a local or shared path, toolbox hands Ray
+this filesystem instead: each file is written under a hidden temporary name in its directory and
+renamed over the real name when closed, so a reader only ever sees a previous version or the new one.
+
+Tune also writes its experiment state in place in a local staging dir while a background thread
+may be copying that same file to storage, so a copy can be whole yet empty or cut short. Tune's
+state files are therefore published only when they parse; otherwise the previous version stays.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import pickletools
+import uuid
+
+import pyarrow
+import pyarrow.fs
+
+
+def _parses_as_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_whole_pickle(data: bytes) -> bool:
+    """Walks the opcodes (nothing is unpickled): a cut-short pickle never reaches STOP."""
+    try:
+        return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(data))
+    except ValueError:
+        return False
+
+
+STATE_FILES = {"experiment_state-*.json": _parses_as_json, "searcher-state-*.pkl": _is_whole_pickle}
+
+
+def _whole(path: str, data_path: str) -> bool:
+    name = os.path.basename(path)
+    for pattern, check in STATE_FILES.items():
+        if fnmatch.fnmatch(name, pattern):
+            with open(data_path, "rb") as f:
+                return check(f.read())
+    return True
+
+
+class _RenamedOnClose(io.FileIO):
+    """A file written at a hidden temporary path, renamed to ``path`` when closed."""
+
+    def __init__(self, path: str):
+        directory, name = os.path.split(path)
+        self._final = path
+        self._temporary = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        super().__init__(self._temporary, "w")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        if _whole(self._final, self._temporary):
+            os.replace(self._temporary, self._final)  # atomic on POSIX
+        else:
+            os.remove(self._temporary)
+
+
+class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
+    """The local filesystem, except that new files appear whole (see the module's docstring)."""
+
+    def __init__(self):
+        self._local = pyarrow.fs.LocalFileSystem()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AtomicLocalFiles)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __reduce__(self):  # travels to trial and worker processes with Ray's storage context
+        return (AtomicLocalFiles, ())
+
+    def get_type_name(self) -> str:
+        return "toolbox-atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self._local.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self._local.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._local.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("toolbox storage will not delete the contents of /")
+
+    def delete_file(self, path: str) -> None:
+        self._local.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._local.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self._local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+
+    def open_input_stream(self, path: str):
+        return self._local.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self._local.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata):
+        return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        return self._local.open_append_stream(path, metadata=metadata)
+
+
+def filesystem_for(storage: str) -> pyarrow.fs.FileSystem | None:
+    """The filesystem to give Ray for ``storage``: atomic files on a local (or mounted) path; Ray's own
+    choice for a URI such as s3://, whose objects are already whole or absent."""
+    return None if "://" in str(storage) else pyarrow.fs.PyFileSystem(AtomicLocalFiles())
