@@ -10,10 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, python_env
 
 from toolbox.baselines import original_toolbox_epoch_s
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_path):
@@ -22,6 +21,7 @@ def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_p
     done = subprocess.run(
         [sys.executable, "-m", "toolbox.bench", "--only", "data", "--mnist-root", str(root), "--out", str(out)],
         cwd=ROOT,
+        env=python_env(),
         capture_output=True,
         text=True,
         timeout=280,

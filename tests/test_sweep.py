@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import ROOT, python_env
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = """\
 from ray import tune
 base = {"dataset": "DummyDataset", "dummy_n_samples": 256, "dummy_val_n_samples": 64, "dummy_input_shape": (16,),
@@ -24,9 +24,13 @@ num_samples = 1  # each grid value once
 
 
 def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "toolbox.sweep", *args],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -145,7 +149,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space,
     )
     exp_dir = tmp_path / "killme"
     command = [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = python_env()
     # Its own session, so that SIGKILL to the group takes the driver and the Ray it started, like a lost terminal.
     driver = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -7,12 +7,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from toolbox import sweep as sweep_cli
 from toolbox.registry import ConfigError
 from toolbox.sweepfile import candidate_params, load
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
 GOOD = """\
 from ray import tune
