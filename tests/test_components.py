@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -189,6 +190,31 @@ def test_optimizer_state_survives_a_weights_only_checkpoint(registry, name):
     resumed_optimizer = build_optimizer(config, resumed.parameters())
     resumed_optimizer.load_state_dict(state["optimizer"])
     steps(resumed, resumed_optimizer, x, y, 3)
+    assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
+def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_one(registry, name):
+    """Fused kernels are on for CPU params. Resuming from a run that had them off (an older run, or a
+    device without them) turns them back on, and the run continues exactly like an uninterrupted one."""
+    config = resolve({"optimizer": name, "scheduler": "none"})
+    model, x, y = _regression()
+    optimizer = build_optimizer(config, model.parameters())
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    F.mse_loss(model(x), y).backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())  # state_dict() shares the live state tensors
+    saved_without_fused = {**saved, "param_groups": [{**g, "fused": None} for g in saved["param_groups"]]}
+    resumed, _, _ = _regression()
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = build_optimizer(config, resumed.parameters())
+    scheduler, _ = build_scheduler(config, resumed_optimizer, steps_per_epoch=1)
+    load_optimizer_and_scheduler(resumed_optimizer, scheduler, saved_without_fused, scheduler.state_dict())
+    assert all(group["fused"] is True for group in resumed_optimizer.param_groups)
+    for m, opt in ((model, optimizer), (resumed, resumed_optimizer)):
+        opt.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        opt.step()
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
 
 

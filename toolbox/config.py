@@ -157,7 +157,7 @@ def check_components(config: dict, built: dict | None = None) -> torch.nn.Module
     try:
         model = build(MODELS)
         build(CRITERIA)
-        optimizer = build(OPTIMIZERS, model.parameters())
+        optimizer = build(OPTIMIZERS, list(model.parameters()))
         build(SCHEDULERS, optimizer, 10, config["epochs"])  # any optimizer will do to check a schedule's values
     except ConfigError:
         raise

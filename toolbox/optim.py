@@ -1,6 +1,6 @@
 """Optimizers and LR schedulers.
 
-Optimizer: ``fn(params, /, *, <config>)``. Scheduler: ``fn(optimizer, steps_per_epoch, epochs, /,
+Optimizer: ``fn(params, /, *, <config>)``; ``**fused_if_supported(params)`` picks torch's one-kernel step. Scheduler: ``fn(optimizer, steps_per_epoch, epochs, /,
 *, <config>)``, registered with ``interval="step"`` (stepped after every optimizer step) or
 ``interval="epoch"`` (stepped after every epoch). Warmup lengths are in epochs; fractions are fine.
 """
@@ -20,6 +20,18 @@ OPTIMIZERS = Registry("optimizer", selector="optimizer")
 SCHEDULERS = Registry("scheduler", selector="scheduler")
 
 
+# torch runs these optimizers' step as one fused kernel on these devices, but leaves it off by default.
+# On CPU, AdamW's per-parameter step took 35% of an MNIST FFNN epoch; fused, it takes 15%.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_if_supported(params: list) -> dict:
+    """``{"fused": True}`` where every param is a float tensor on a device with fused kernels, else {}."""
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    ok = len(tensors) == len(params) > 0 and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors)
+    return {"fused": True} if ok else {}
+
+
 def _check_lr(lr: float, weight_decay: float) -> None:
     if not lr > 0:
         raise ConfigError(f"--lr must be > 0, got {lr}")
@@ -31,14 +43,14 @@ def _check_lr(lr: float, weight_decay: float) -> None:
 def adamw(params, /, *, lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999)):
     """AdamW (decoupled weight decay)."""
     _check_lr(lr, weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **fused_if_supported(params))
 
 
 @OPTIMIZERS.register("adam")
 def adam(params, /, *, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
     """Adam (L2 penalty as weight decay)."""
     _check_lr(lr, weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=betas, **fused_if_supported(params))
 
 
 @OPTIMIZERS.register("sgd")
@@ -49,7 +61,9 @@ def sgd(params, /, *, lr: float = 0.01, weight_decay: float = 0.0, momentum: flo
         raise ConfigError(f"--momentum must be in [0, 1), got {momentum}")
     if nesterov and momentum == 0:
         raise ConfigError("--nesterov needs --momentum > 0")
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(
+        params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, **fused_if_supported(params)
+    )
 
 
 def _per_step(optimizer, factor: Callable[[int], float]) -> LRScheduler:
@@ -157,7 +171,7 @@ def step_lr(optimizer, steps_per_epoch: int, epochs: int, /, *, step_size: int =
 
 
 def build_optimizer(config: dict, params) -> torch.optim.Optimizer:
-    return OPTIMIZERS[config["optimizer"]].build(params, config=config)
+    return OPTIMIZERS[config["optimizer"]].build(list(params), config=config)
 
 
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int) -> tuple[LRScheduler, str]:
@@ -169,7 +183,12 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int) -> tuple[LRSc
 def load_optimizer_and_scheduler(optimizer, scheduler: LRScheduler, optimizer_state: dict, scheduler_state: dict) -> None:
     """Continue from saved states. A per-step factor is rebuilt from the current config, so a run
     resumed with more epochs follows the longer schedule from its very first step."""
-    optimizer.load_state_dict(optimizer_state)
+    # How a step runs (fused kernel or not) belongs to this optimizer, not to the saved one: a
+    # checkpoint from a run without fused kernels (or from another device) must not turn them off.
+    groups = [dict(group) for group in optimizer_state["param_groups"]]
+    for group, own in zip(groups, optimizer.param_groups):  # a group-count mismatch is still refused below
+        group.update({key: own[key] for key in ("fused", "foreach") if key in own})
+    optimizer.load_state_dict({**optimizer_state, "param_groups": groups})
     scheduler.load_state_dict(scheduler_state)
     if isinstance(scheduler, LambdaLR):
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
