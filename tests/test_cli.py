@@ -155,6 +155,7 @@ REFUSALS = [
         ["--momentum does not apply to optimizer 'adamw'", "sgd", "--optimizer"],
     ),
     ("not-an-int", lambda p: ["--epochs", "two"], ["--epochs", "invalid int value: 'two'"]),
+    ("unknown-precision", lambda p: ["--precision", "bf16"], ["--precision", "invalid choice: 'bf16'", "bf16-mixed"]),
     (
         "top5-with-3-classes",
         lambda p: ["--dummy-num-classes", "3", "--ff-output-dim", "3"],

@@ -58,6 +58,23 @@ def test_resume_with_more_epochs_equals_the_longer_run_and_needs_the_rng_state(t
     assert any(not torch.equal(control[k], final[k]) for k in final)
 
 
+def test_bf16_mixed_runs_forward_in_bfloat16_keeps_float32_state_and_resumes_exactly(tmp_path):
+    """``--precision bf16-mixed``: losses differ from 32-true's (autocast is really on), the run still
+    learns, everything saved stays float32, and a resumed run continues bit for bit."""
+    config = resolve({**RESUMABLE, "precision": "bf16-mixed"})
+    data = build_dataset(config)
+    mixed = train_locally(config, data, checkpoints=tmp_path / "mixed")
+    full = train_locally({**config, "precision": "32-true"}, data)
+    assert [r["train_loss"] for r in mixed] != pytest.approx([r["train_loss"] for r in full], rel=1e-4)
+    assert [r["train_loss"] for r in mixed] == pytest.approx([r["train_loss"] for r in full], rel=0.05)
+    assert mixed[-1]["train_loss"] < mixed[0]["train_loss"]
+    state = load_state(tmp_path / "mixed" / "epoch_4")
+    saved = [*state["model"].values(), *(t for s in state["optimizer"]["state"].values() for t in s.values())]
+    assert {t.dtype for t in saved} == {torch.float32}
+    resumed = train_locally(config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "mixed" / "epoch_2")
+    compare_rows(resumed, mixed[2:])
+
+
 def test_checkpoint_holds_the_full_training_state(tmp_path):
     config = resolve({**RESUMABLE, "epochs": 2, "scheduler": "step_lr"})
     rows = train_locally(config, build_dataset(config), checkpoints=tmp_path)

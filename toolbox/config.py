@@ -42,6 +42,12 @@ TRAINING_OPTIONS = (
     Option("epochs", int, 10, "epochs to train (a resumed run stops at this epoch)"),
     Option("batch_size", int, 128, "batch size per worker"),
     Option("seed", int, 0, "seed for weights, data order, dropout and sweep sampling"),
+    Option(
+        "precision",
+        typing.Literal["32-true", "bf16-mixed"],
+        "32-true",
+        "bf16-mixed runs forward passes in bfloat16 (torch.autocast); weights, optimizer and checkpoints stay float32",
+    ),
 )
 TRAINING_KEYS = {o.key for o in TRAINING_OPTIONS}
 SELECTORS = {r.selector: r for r in KINDS} | {METRICS.selector: METRICS}
