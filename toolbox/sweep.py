@@ -16,6 +16,7 @@ import random
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from toolbox import cluster, results
@@ -147,7 +148,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     import ray
     from ray import tune
 
-    from toolbox.tuning import Progress
+    from toolbox.tuning import Progress, snapshot_after_every_change
 
     config = sweep.trial_config({})
     model = check_components(config)
@@ -159,6 +160,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         shutil.rmtree(exp_dir)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
+    snapshot_after_every_change()
     url = cluster.start(args.address, verbose=args.verbose, extra_resources={TRAIN_DRIVER_RESOURCE: 1000})
     if url:
         log.info("Ray dashboard: %s", url)
@@ -195,7 +197,11 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     fit_s = time.time() - fit_started
     rows = results.trial_rows(grid, sweep, progress.startup_s)
     print(results.format_table(rows, sweep), flush=True)
-    best = results.write(rows, sweep, exp_dir)
+    # Ray's shutdown waits ~1 s for its processes to exit: write the results and plots meanwhile.
+    with ThreadPoolExecutor(1) as pool:
+        written = pool.submit(results.write, rows, sweep, exp_dir)
+        ray.shutdown()
+        best = written.result()
     summary = {"wall_s": time.time() - started, "fit_s": fit_s, "trials": len(rows), "epochs": sum(r["epochs"] for r in rows)}
     (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(
