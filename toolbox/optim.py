@@ -1,8 +1,9 @@
 """Optimizers and LR schedulers.
 
-Optimizer: ``fn(params, /, *, <config>)``; ``**fused_if_supported(params)`` picks torch's one-kernel step. Scheduler: ``fn(optimizer, steps_per_epoch, epochs, /,
-*, <config>)``, registered with ``interval="step"`` (stepped after every optimizer step) or
-``interval="epoch"`` (stepped after every epoch). Warmup lengths are in epochs; fractions are fine.
+Optimizer: ``fn(params, /, *, <config>)`` with ``params`` a list; ``**fused_if_supported(params)``
+picks torch's one-kernel step. Scheduler: ``fn(optimizer, steps_per_epoch, epochs, /, *, <config>)``,
+registered with ``interval="step"`` (stepped after every optimizer step) or ``interval="epoch"``
+(stepped after every epoch). Warmup lengths are in epochs; fractions are fine.
 """
 
 from __future__ import annotations
