@@ -217,6 +217,9 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
         num_samples = 4
         epochs = 6
         trial_scheduler = "pbt"
+        # A chance to exploit after every epoch, for the bottom half: whether a trial is in the bottom
+        # quarter when it reaches a perturbation point depends on how the 2 running trials interleave.
+        scheduler_options = {"perturbation_interval": 1, "quantile_fraction": 0.5}
         """,
         "pbt",
     )

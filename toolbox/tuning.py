@@ -31,8 +31,9 @@ def snapshot_after_every_change() -> None:
         forced = force or getattr(self._checkpoint_manager, "_should_force_sync_up", True)
         if not forced and state == getattr(self, "_toolbox_snapshot_state", None):
             return None
-        self._toolbox_snapshot_state = state
-        return save(self, force=force, wait=wait)
+        saved = save(self, force=force, wait=wait)
+        self._toolbox_snapshot_state = state  # only once saved: a failed snapshot is not skipped next time
+        return saved
 
     checkpoint.toolbox_skips_unchanged = True
     TuneController.checkpoint = checkpoint
