@@ -28,8 +28,9 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 def fused_if_supported(params: list) -> dict:
     """``{"fused": True}`` where every param is a float tensor on a device with fused kernels, else {}."""
-    tensors = [p for p in params if isinstance(p, torch.Tensor)]
-    ok = len(tensors) == len(params) > 0 and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors)
+    ok = bool(params) and all(
+        isinstance(p, torch.Tensor) and p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params
+    )
     return {"fused": True} if ok else {}
 
 
