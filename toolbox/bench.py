@@ -127,12 +127,13 @@ def sweep_figures(out: Path, name: str, sweep_file: str, *extra: str) -> dict:
 def bench_data(table: Table, args, out: Path) -> None:
     config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": 3})
     data = build_dataset(config)
+    samples = len(data.train_y)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
     plain_s = min(plain_epoch(config, data) for _ in range(2))
     rows: list[dict] = []
     train(config, data, local_session(rows.append))
-    loop_s = min(len(data.train_y) / row["samples_per_s"] for row in rows)
+    loop_s = min(samples / row["samples_per_s"] for row in rows)
     table.add(
         "MNIST epoch (train), toolbox loop in process vs plain PyTorch loop, 1 thread",
         loop_s,
@@ -141,7 +142,6 @@ def bench_data(table: Table, args, out: Path) -> None:
         "<= 1.25",
         loop_s <= 1.25 * plain_s,
     )
-    samples = len(data.train_y)
     run = _run_epochs(out, args, workers=1)
     run_s = min(samples / row["samples_per_s"] for row in run)
     table.add(
@@ -161,8 +161,8 @@ def bench_data(table: Table, args, out: Path) -> None:
     else:
         original = original_pipeline_epoch_s(args.mnist_root, config["batch_size"])
         what = "the original's pipeline rebuilt: per-sample transforms, DataLoader with 4 workers"
-    run = _run_epochs(out, args, 1, threads)
-    run_epoch = min(row["epoch_s"] for row in run)
+    all_cores = _run_epochs(out, args, 1, threads)
+    run_epoch = min(row["epoch_s"] for row in all_cores)
     table.add(
         f"MNIST epoch (train + val), `toolbox.run` vs the original, {threads} threads each",
         run_epoch,
@@ -191,7 +191,7 @@ def bench_data(table: Table, args, out: Path) -> None:
         "s",
         "report",
         None,
-        f"val top-1 after 3 epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {run[-1]['val_top_1_accuracy']:.2f} at 32-true",
+        f"val top-1 after 3 epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {all_cores[-1]['val_top_1_accuracy']:.2f} at 32-true",
     )
 
 
