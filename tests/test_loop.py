@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from helpers import TINY_DUMMY, assert_same_weights, train_locally
@@ -99,3 +101,28 @@ def test_a_checkpoint_of_another_optimizer_and_scheduler_continues_the_weights(t
     expected_lr = lr_schedule(sgd, rows[0]["steps_per_epoch"])[2 * rows[0]["steps_per_epoch"]]
     assert rows[0]["lr"] == pytest.approx(expected_lr)  # the cosine schedule at epoch 3, not at its start
     assert rows[0]["lr"] < 0.05
+
+
+def test_training_flushes_subnormals_in_its_thread_and_the_threads_torch_starts_for_it():
+    """Adam's moments turn subnormal where gradients are zero, and x86 computes those slowly: train()
+    flushes them to zero in its thread, and torch's OpenMP threads, started after, inherit that."""
+    config = resolve({**RESUMABLE, "epochs": 1})
+    data = build_dataset(config)
+    # Subnormal floats made from their bits: converting a float would already flush them.
+    subnormals = torch.full((1 << 18,), 1 << 20, dtype=torch.int32).view(torch.float32)
+    survivors = []
+
+    def count(x: torch.Tensor) -> int:
+        return int(((x * 1.0).view(torch.int32) != 0).sum())
+
+    def a_training_thread() -> None:
+        torch.set_flush_denormal(False)  # as a new thread starts (an earlier train() may have set it here)
+        torch.set_num_threads(2)
+        survivors.append(count(subnormals[:4]))  # too small for a second thread
+        train_locally(config, data)
+        survivors.append(count(subnormals))  # large enough that both OpenMP threads take a share
+
+    thread = threading.Thread(target=a_training_thread)
+    thread.start()
+    thread.join()
+    assert survivors == [4, 0]
