@@ -16,7 +16,7 @@ from toolbox.config import KINDS, check_against_data, check_components, resolve
 from toolbox.data import DATASETS, TensorData, build_dataset
 from toolbox.losses import CRITERIA
 from toolbox.metrics import METRICS
-from toolbox.models import MODELS, build_model
+from toolbox.models import MODELS, Dropout, build_model
 from toolbox.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, load_optimizer_and_scheduler, lr_schedule
 
 
@@ -77,6 +77,30 @@ def test_feed_forward_layers_follow_the_config():
     assert [(m.in_features, m.out_features) for m in linears] == [(12, 7), (7, 5), (5, 3)]
     assert sum(isinstance(m, torch.nn.Tanh) for m in model) == 2
     assert [m.p for m in model if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keeps_1_minus_p_scales_the_kept_and_replays_with_the_seed(p):
+    """toolbox's CPU Dropout against nn.Dropout's contract: i.i.d. keep with probability 1 - p,
+    kept values times 1 / (1 - p), gradients through the same mask, the identity in eval mode."""
+    dropout = Dropout(p)
+    x = (torch.rand(1000, 1001) + 0.5).requires_grad_()  # nonzero, and an odd count of elements
+    torch.manual_seed(3)
+    y = dropout(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert torch.allclose(y[kept], x[kept] * (1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    # Neighbours drop independently: both halves of one 64-bit draw, and consecutive draws.
+    pairs = kept.flatten()[: n - 1]
+    assert abs((pairs & kept.flatten()[1:]).double().mean().item() - (1 - p) ** 2) < 0.005
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x) != 0, kept)
+    assert not torch.equal(dropout(x) != 0, kept)  # the next draw differs
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
 
 
 # --- datasets -------------------------------------------------------------------------------------------------
