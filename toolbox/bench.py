@@ -161,7 +161,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     )
     # The original runs with torch's default threads (every core) plus 4 loader processes, so
     # toolbox.run gets every core too: one worker with --cpus-per-worker = the core count. Its FFNN
-    # always has dropout 0.1, so these rows do too.
+    # always has dropout, so these rows do too.
     torch.set_num_threads(threads)
     original_model = ("--ff-dropout", str(ORIGINAL_DROPOUT))
     if args.original_toolbox:
@@ -173,7 +173,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     all_cores = _run_epochs(out, args, 1, threads, *original_model)
     run_epoch = min(row["epoch_s"] for row in all_cores)
     table.add(
-        f"MNIST epoch (train + val), `toolbox.run` vs the original, its model (dropout 0.1), {threads} threads each",
+        f"MNIST epoch (train + val), `toolbox.run` vs the original, its model (dropout {ORIGINAL_DROPOUT}), {threads} threads each",
         run_epoch,
         original,
         "s",

@@ -43,11 +43,11 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` (keep each element with probability 1 - p, scale by 1 / (1 - p)) with a
     faster mask on CPU; on other devices, and in eval mode, it is ``nn.Dropout``.
 
-    torch's CPU ``bernoulli_`` draws one random number per element on one thread: 380 µs for a
-    128x512 batch, about a sixth of a 1-thread MNIST step with two such layers. Here each 64-bit
+    torch's CPU ``bernoulli_`` draws one random number per element on one thread: about 350 µs
+    for a 128x512 batch, a sixth of a 1-thread MNIST step with two such layers. Here each 64-bit
     draw gives two elements 31 random bits each, compared with p without bool tensors (slow on
-    CPU): 150 µs. Like ``nn.Dropout`` it draws from torch's generator, so seeds and saved RNG
-    states replay the same masks."""
+    CPU): about 160 µs. Like ``nn.Dropout`` it draws from torch's generator, so seeds and saved
+    RNG states replay the same masks. ``inplace`` is ignored on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
