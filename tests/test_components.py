@@ -94,8 +94,8 @@ def test_dropout_keeps_1_minus_p_scales_the_kept_and_replays_with_the_seed(p):
     y.sum().backward()
     assert torch.equal(x.grad != 0, kept)
     # Neighbours drop independently: both halves of one 64-bit draw, and consecutive draws.
-    pairs = kept.flatten()[: n - 1]
-    assert abs((pairs & kept.flatten()[1:]).double().mean().item() - (1 - p) ** 2) < 0.005
+    flat = kept.flatten()
+    assert abs((flat[:-1] & flat[1:]).double().mean().item() - (1 - p) ** 2) < 0.005
     torch.manual_seed(3)
     assert torch.equal(dropout(x) != 0, kept)
     assert not torch.equal(dropout(x) != 0, kept)  # the next draw differs
