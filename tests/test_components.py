@@ -138,6 +138,20 @@ def test_mnist_reads_the_idx_files_it_is_given(tiny_mnist):
     normalized = data.normalize(data.train_x[:1])
     expected = (written["train_x"][:1].flatten(1).float() / 255 - 0.1307) / 0.3081
     assert torch.allclose(normalized, expected)
+    index = torch.tensor([3, 0, 3, 1])
+    for split in ("train", "val"):
+        inputs, targets = data.batch(split, index)
+        pixels = written[f"{split}_x"].flatten(1)[index].float()
+        assert inputs.dtype == torch.float32 and torch.allclose(inputs, (pixels / 255 - 0.1307) / 0.3081)
+        assert torch.equal(targets, written[f"{split}_y"].long()[index])
+
+
+def test_normalize_never_writes_its_input():
+    x = torch.rand(4, 3)
+    data = TensorData(x, torch.zeros(4, dtype=torch.long), x, torch.zeros(4, dtype=torch.long), 2, mean=0.5, std=2.0)
+    before = x.clone()
+    assert torch.allclose(data.normalize(x), (before - 0.5) / 2.0)
+    assert torch.equal(x, before)
 
 
 # --- criteria -------------------------------------------------------------------------------------------------

@@ -167,9 +167,10 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
             if first_step_time is None:
                 first_step_time = time.time()
             batch = shard[i : i + config["batch_size"]]
+            inputs, targets = data.batch("train", batch)
             with autocast(config, session):
-                logits = model(data.normalize(data.train_x[batch]))
-            loss = criterion(logits.float(), data.train_y[batch])
+                logits = model(inputs)
+            loss = criterion(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -235,9 +236,10 @@ def evaluate(model: nn.Module, criterion: nn.Module, data: TensorData, config: d
     sums = torch.zeros(2 + len(metrics), dtype=torch.float64, device=session.device)
     for i in range(0, len(indices), EVAL_BATCH):
         batch = indices[i : i + EVAL_BATCH]
+        inputs, targets = data.batch("val", batch)
         with autocast(config, session):
-            logits = model(data.normalize(data.val_x[batch]))
-        logits, targets = logits.float(), data.val_y[batch]
+            logits = model(inputs)
+        logits = logits.float()
         sums[0] += criterion(logits, targets).double() * len(batch)
         sums[1] += len(batch)
         for j, name in enumerate(metrics):
