@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import typing
 from typing import Any, NoReturn
@@ -89,3 +90,11 @@ def given_config(namespace: argparse.Namespace) -> dict[str, Any]:
     """The config keys the user actually passed."""
     keys = all_keys()
     return {k: v for k, v in vars(namespace).items() if k in keys}
+
+
+def exit_with(code: int) -> NoReturn:
+    """``sys.exit(code)`` without the interpreter's last full garbage collection: over the objects
+    that torch, Ray and Tune leave behind it took about 1 s after a sweep had printed its results.
+    The process is ending; the OS frees its memory."""
+    gc.freeze()
+    sys.exit(code)

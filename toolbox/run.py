@@ -14,7 +14,7 @@ from typing import Any
 
 from toolbox import cluster
 from toolbox.checkpoint import find_checkpoint, load_state
-from toolbox.cli import Parser, add_config_flags, given_config
+from toolbox.cli import Parser, add_config_flags, exit_with, given_config
 from toolbox.config import check_against_data, check_components, resolve
 from toolbox.data import TensorData, build_dataset
 from toolbox.epochlog import LOG_FILE, EpochLog
@@ -231,4 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

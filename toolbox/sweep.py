@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from toolbox import cluster, results
-from toolbox.cli import Parser, add_config_flags, given_config
+from toolbox.cli import Parser, add_config_flags, exit_with, given_config
 from toolbox.config import check_against_data, check_components
 from toolbox.data import build_dataset
 from toolbox.registry import ConfigError
@@ -237,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
