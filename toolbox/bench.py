@@ -63,7 +63,7 @@ class Table:
         }
         self.rows.append(row)
         print(
-            f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {ratio:.2f} (target {target})"
+            f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {ratio:#.3g} (target {target})"
             f"{'' if ok is None else (' ok' if ok else ' MISSED')}",
             flush=True,
         )
@@ -74,7 +74,7 @@ class Table:
             met = "-" if r["ok"] is None else ("yes" if r["ok"] else "no")
             lines.append(
                 f"| {r['figure']} | {r['toolbox']:.3g} {r['unit']} | {r['baseline']:.3g} {r['unit']}"
-                f"{' (' + r['note'] + ')' if r['note'] else ''} | {r['ratio']:.2f} | {r['target']} | {met} |"
+                f"{' (' + r['note'] + ')' if r['note'] else ''} | {r['ratio']:#.3g} | {r['target']} | {met} |"
             )
         return "\n".join(lines)
 
