@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import ray
 import torch
 from helpers import TINY_DUMMY, python_env, train_locally
 
-from toolbox.cli import given_config
+from toolbox.cli import exit_with, given_config
 from toolbox.config import KINDS, resolve
 from toolbox.data import DATASETS, build_dataset
 from toolbox.losses import CRITERIA
@@ -242,3 +243,14 @@ def test_python_m_toolbox_run_refuses_with_exit_code_2(argv, expected, tmp_path)
     assert proc.stdout == ""
     assert not ray_tmp.exists() and not (tmp_path / "runs").exists()
     assert time.perf_counter() - started < 60
+
+
+def test_exit_with_exits_with_the_code_and_spares_every_object_from_the_last_collection():
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            exit_with(3)
+        assert exited.value.code == 3
+        assert gc.get_freeze_count() > 0  # moved out of the collector's reach, so exit skips them
+    finally:
+        gc.unfreeze()
