@@ -245,7 +245,7 @@ def test_python_m_toolbox_run_refuses_with_exit_code_2(argv, expected, tmp_path)
     assert time.perf_counter() - started < 60
 
 
-def test_exit_with_exits_with_the_code_and_spares_every_object_from_the_last_collection():
+def test_exit_with_exits_with_the_code_and_freezes_the_heap():
     gc.unfreeze()
     try:
         with pytest.raises(SystemExit) as exited:

@@ -29,7 +29,8 @@ from toolbox.optim import build_optimizer
 
 
 def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
-    """Seconds for one training epoch of a bare loop: data pre-normalized, batched by index."""
+    """Seconds for one training epoch of a bare loop: data pre-normalized, batched by index with
+    ``index_select`` (on CPU a third of ``x[index]``'s time), so toolbox's loop gets no head start."""
     torch.manual_seed(config["seed"])
     model = build_model(config).to(device)
     optimizer = build_optimizer(config, model.parameters())
@@ -40,7 +41,7 @@ def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
     started = time.perf_counter()
     for i in range(0, len(y), config["batch_size"]):
         batch = order[i : i + config["batch_size"]]
-        loss = loss_fn(model(x[batch]), y[batch])
+        loss = loss_fn(model(x.index_select(0, batch)), y.index_select(0, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -45,6 +45,11 @@ def _importable() -> set[str]:
     return {name for name in set(NEEDS.values()) if importlib.util.find_spec(name)}
 
 
+def _ratio(value: float) -> str:
+    """Three significant digits below 1 (0.401 must not print as 0.40 beside a missed <= 0.4), two decimals above."""
+    return f"{value:#.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
@@ -63,7 +68,7 @@ class Table:
         }
         self.rows.append(row)
         print(
-            f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {ratio:#.3g} (target {target})"
+            f"  {figure}: toolbox {toolbox:.3g} {unit} vs {baseline:.3g} -> ratio {_ratio(ratio)} (target {target})"
             f"{'' if ok is None else (' ok' if ok else ' MISSED')}",
             flush=True,
         )
@@ -74,7 +79,7 @@ class Table:
             met = "-" if r["ok"] is None else ("yes" if r["ok"] else "no")
             lines.append(
                 f"| {r['figure']} | {r['toolbox']:.3g} {r['unit']} | {r['baseline']:.3g} {r['unit']}"
-                f"{' (' + r['note'] + ')' if r['note'] else ''} | {r['ratio']:#.3g} | {r['target']} | {met} |"
+                f"{' (' + r['note'] + ')' if r['note'] else ''} | {_ratio(r['ratio'])} | {r['target']} | {met} |"
             )
         return "\n".join(lines)
 
