@@ -27,6 +27,8 @@ from toolbox.loop import Session, train
 from toolbox.models import build_model
 from toolbox.optim import build_optimizer
 
+ORIGINAL_DROPOUT = 0.1  # the original FFNN's, fixed (no flag)
+
 
 def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
     """Seconds for one training epoch of a bare loop: data pre-normalized, batched by index with
@@ -100,7 +102,6 @@ def original_pipeline_epoch_s(root: str, batch_size: int, loader_workers: int = 
     return time.perf_counter() - started
 
 
-ORIGINAL_DROPOUT = 0.1  # the original FFNN's, fixed (no flag)
 ORIGINAL_EPOCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \| INFO \| trainer \| Epoch: (\d+)$", re.M)
 
 

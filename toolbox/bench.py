@@ -29,6 +29,7 @@ from toolbox.baselines import (
     original_toolbox_epoch_s,
     plain_epoch,
 )
+from toolbox.cli import exit_with
 from toolbox.config import resolve
 from toolbox.data import build_dataset
 from toolbox.loop import train
@@ -467,4 +468,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
