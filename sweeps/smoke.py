@@ -7,7 +7,6 @@ base = {
     "dummy_n_samples": 512,
     "dummy_val_n_samples": 128,
     "dummy_input_shape": (32,),
-    "ff_input_size": 32,
     "ff_hidden_sizes": (32,),
     "batch_size": 64,
 }

@@ -28,9 +28,9 @@ class RayStarted(BaseException):
 @pytest.fixture
 def ray_never_starts(monkeypatch) -> None:
     """Fail the test if toolbox.run tries to start Ray (bad input must be refused before that)."""
-    import toolbox.cluster
+    import toolbox.distributed.cluster
 
     def start(*args, **kwargs):
-        raise RayStarted(f"toolbox.cluster.start{args} was called")
+        raise RayStarted(f"toolbox.distributed.cluster.start{args} was called")
 
-    monkeypatch.setattr(toolbox.cluster, "start", start)
+    monkeypatch.setattr(toolbox.distributed.cluster, "start", start)

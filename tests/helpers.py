@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny MNIST IDX files, the training loop without Ray, checkpoint and weight checks."""
+"""Shared test helpers: tiny data for every registered dataset, the training loop without Ray, checks of weights."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ from pathlib import Path
 
 import torch
 
-from toolbox.checkpoint import STATE_FILE, load_state
-from toolbox.data import TensorData
-from toolbox.loop import Session, train
+from toolbox.components.datasets import DATASETS
+from toolbox.config.resolve import resolve
+from toolbox.data.tensors import TensorData
+from toolbox.training.checkpoint import STATE_FILE, load_state
+from toolbox.training.loop import train
+from toolbox.training.session import local_session
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
 # Small DummyDataset and batch sizes: a step costs milliseconds.
 TINY_DUMMY = {"dummy_n_samples": 64, "dummy_val_n_samples": 32}
+
+
+def tiny_config(directory: Path, **given) -> dict:
+    """A resolved config, 2 epochs of 4 steps, on the chosen dataset's own tiny test data (written under DIRECTORY)."""
+    dataset = given.get("dataset", resolve({})["dataset"])
+    data_keys = DATASETS[dataset].meta["tiny"](Path(directory))
+    return resolve({"epochs": 2, "batch_size": 16, **data_keys, **given})
 
 
 def write_idx_images(path: Path, images: torch.Tensor) -> None:
@@ -32,8 +42,16 @@ def write_idx_labels(path: Path, labels: torch.Tensor) -> None:
     path.write_bytes(struct.pack(">II", LABELS_MAGIC, len(labels)) + labels.to(torch.uint8).numpy().tobytes())
 
 
+MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "val_x": "t10k-images-idx3-ubyte",
+    "val_y": "t10k-labels-idx1-ubyte",
+}
+
+
 def write_tiny_mnist(root: Path, n_train: int = 64, n_val: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The four MNIST IDX files under ROOT/MNIST/raw, random 28x28 digits; returns what was written."""
+    """The four MNIST IDX files under ROOT/MNIST/raw, written byte by byte here; returns what was written."""
     g = torch.Generator().manual_seed(seed)
     written = {
         "train_x": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
@@ -43,14 +61,12 @@ def write_tiny_mnist(root: Path, n_train: int = 64, n_val: int = 32, seed: int =
     }
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    write_idx_images(raw / "train-images-idx3-ubyte", written["train_x"])
-    write_idx_labels(raw / "train-labels-idx1-ubyte", written["train_y"])
-    write_idx_images(raw / "t10k-images-idx3-ubyte", written["val_x"])
-    write_idx_labels(raw / "t10k-labels-idx1-ubyte", written["val_y"])
+    for key, name in MNIST_FILES.items():
+        (write_idx_images if key.endswith("_x") else write_idx_labels)(raw / name, written[key])
     return written
 
 
-def local_session(rows: list[dict], checkpoints: Path | None = None) -> Session:
+def collecting_session(rows: list[dict], checkpoints: Path | None = None):
     """A one-process Session (no Ray): reported rows go to ``rows``, checkpoints are copied to CHECKPOINTS/epoch_N."""
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -58,20 +74,13 @@ def local_session(rows: list[dict], checkpoints: Path | None = None) -> Session:
         if checkpoint_dir and checkpoints is not None:
             shutil.copytree(checkpoint_dir, checkpoints / f"epoch_{metrics['epoch']}")
 
-    return Session(
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        report=report,
-        latest_checkpoint=lambda: None,
-        prepare_model=lambda model: model,
-    )
+    return local_session(report)
 
 
 def train_locally(config: dict, data: TensorData, checkpoints: Path | None = None, resume_from: Path | None = None) -> list[dict]:
-    """toolbox.loop.train in this process; returns the reported rows."""
+    """toolbox's training loop in this process; returns the reported rows."""
     rows: list[dict] = []
-    train(config, data, local_session(rows, checkpoints), str(resume_from) if resume_from else None)
+    train(config, data, collecting_session(rows, checkpoints), str(resume_from) if resume_from else None)
     return rows
 
 

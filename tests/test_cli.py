@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,16 @@ import ray
 import torch
 from helpers import TINY_DUMMY, python_env, train_locally
 
-from toolbox.cli import exit_with, given_config
-from toolbox.config import KINDS, resolve
-from toolbox.data import DATASETS, build_dataset
-from toolbox.losses import CRITERIA
-from toolbox.metrics import METRICS
-from toolbox.models import MODELS
-from toolbox.optim import OPTIMIZERS, SCHEDULERS
+from toolbox.components.datasets import DATASETS
+from toolbox.components.losses import CRITERIA
+from toolbox.components.metrics import METRICS
+from toolbox.components.models import MODELS
+from toolbox.components.optimizers import OPTIMIZERS
+from toolbox.components.schedulers import SCHEDULERS
+from toolbox.config.flags import exit_with, given_config
+from toolbox.config.resolve import KINDS, resolve
 from toolbox.run import build_parser, main
+from toolbox.training.builders import build_dataset, build_metrics
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -43,13 +44,15 @@ def test_help_lists_every_component_and_its_parameters(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # argparse wraps help text at the terminal width
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0
-    for registry in (*KINDS, METRICS):
+    words = " ".join(out.split())  # argparse wraps long help lines
+    for registry in KINDS:
         assert registry.names(), f"no {registry.kind} registered"
         for component in registry:
-            assert f"{component.name}: {component.summary}" in out
+            assert f"{component.name}: {component.summary}" in words
             for param in component.params:
-                assert f"{param.flag} {show(param.default)}" in out, f"{component.name}: {param.flag} and its default"
+                assert f"{param.flag} {show(param.default)}" in words, f"{component.name}: {param.flag} and its default"
                 assert re.search(rf"^\s+{re.escape(param.flag)}(?![\w-])", out, re.MULTILINE), f"{param.flag} is not an option"
+                assert param.help in words, f"{param.flag}: its docstring line is not in --help"
     for flag in (
         "--epochs",
         "--batch-size",
@@ -68,6 +71,8 @@ def test_help_lists_every_component_and_its_parameters(capsys, monkeypatch):
 def flag_tokens(param) -> list[str]:
     """Command-line tokens that set ``param`` to its default value."""
     value = param.default
+    if value is None:
+        return [param.flag, "none"]
     if isinstance(value, bool):
         return [param.flag if value else "--no-" + param.flag[2:]]
     if isinstance(value, tuple):
@@ -75,17 +80,15 @@ def flag_tokens(param) -> list[str]:
     return [param.flag, str(value)]
 
 
-@pytest.mark.parametrize(
-    ("registry", "name"), [pytest.param(r, c.name, id=f"{r.kind}-{c.name}") for r in (*KINDS, METRICS) for c in r]
-)
+@pytest.mark.parametrize(("registry", "name"), [pytest.param(r, c.name, id=f"{r.kind}-{c.name}") for r in KINDS for c in r])
 def test_every_parameter_flag_reaches_the_config(registry, name):
     """Choosing a component and passing each of its flags gives exactly those keys, typed as the signature says."""
     component = registry[name]
-    argv = ["--metrics", name] if registry is METRICS else [f"--{registry.selector.replace('_', '-')}", name]
+    argv = [f"--{registry.selector.replace('_', '-')}", name]
     for param in component.params:
         argv += flag_tokens(param)
     given = given_config(build_parser().parse_args(argv))
-    selected = (name,) if registry is METRICS else name
+    selected = (name,) if registry.many else name
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()} == {
         registry.selector: selected,
         **{p.key: p.default for p in component.params},
@@ -94,6 +97,8 @@ def test_every_parameter_flag_reaches_the_config(registry, name):
     assert config[registry.selector] == selected
     for param in component.params:
         assert config[param.key] == param.default and type(config[param.key]) is type(param.default), param.key
+    if registry is METRICS:  # the dataset's (DummyDataset's) classes are enough for every metric
+        assert f"val_{name}" in build_metrics(config, build_dataset(config).num_classes)
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------
@@ -163,8 +168,14 @@ REFUSALS = [
         ["top_5_accuracy", "at least 5 classes", "outputs 3"],
     ),
     ("no-validation-samples", lambda p: ["--dummy-val-n-samples", "0"], ["--dummy-val-n-samples", "got 0"]),
-    ("model-input-size", lambda p: ["--ff-input-size", "100"], ["does not accept DummyDataset samples of shape (784,)"]),
-    ("dataset-sample-size", lambda p: ["--dummy-input-shape", "100"], ["does not accept DummyDataset samples of shape (100,)"]),
+    ("model-input-size", lambda p: ["--ff-input-size", "100"], ["--ff-input-size 100 contradicts the data", "hold 784"]),
+    ("model-output-dim", lambda p: ["--ff-output-dim", "7"], ["--ff-output-dim 7 contradicts the data", "class count is 10"]),
+    (
+        "dataset-sample-size",
+        lambda p: ["--dummy-input-shape", "100", "--ff-input-size", "784"],
+        ["--ff-input-size 784 contradicts the data: its samples [100] hold 100"],
+    ),
+    ("cnn-on-flat-samples", lambda p: ["--arch", "ConvNet"], ["ConvNet takes samples of shape [channels, height, width]"]),
     ("zero-epochs", lambda p: ["--epochs", "0"], ["--epochs must be > 0, got 0"]),
     ("negative-batch-size", lambda p: ["--batch-size", "-8"], ["--batch-size must be > 0, got -8"]),
     ("zero-lr", lambda p: ["--lr", "0"], ["--lr must be > 0, got 0"]),
@@ -192,7 +203,6 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize(("argv", "expected"), [pytest.param(a, e, id=i) for i, a, e in REFUSALS])
 def test_bad_input_is_refused_before_ray_with_one_line(argv, expected, resume_paths, tmp_path, capsys, ray_never_starts):
-    started = time.perf_counter()
     code, out, err = run_main([*argv(resume_paths), "--storage", str(tmp_path), "--name", "refused"], capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -203,7 +213,6 @@ def test_bad_input_is_refused_before_ray_with_one_line(argv, expected, resume_pa
     assert out == ""
     assert not ray.is_initialized()
     assert not (tmp_path / "refused").exists()
-    assert time.perf_counter() - started < 30
 
 
 def test_a_checkpoint_of_the_same_architecture_is_accepted(resume_paths, tmp_path):
@@ -228,7 +237,6 @@ def test_a_checkpoint_of_the_same_architecture_is_accepted(resume_paths, tmp_pat
 def test_python_m_toolbox_run_refuses_with_exit_code_2(argv, expected, tmp_path):
     """The real command line: exit code 2, one line on stderr, nothing on stdout, and no Ray session created."""
     ray_tmp = tmp_path / "ray-tmp"  # a Ray started by this process would create its session dir here
-    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "toolbox.run", *argv, "--storage", str(tmp_path / "runs")],
         cwd=tmp_path,
@@ -242,7 +250,6 @@ def test_python_m_toolbox_run_refuses_with_exit_code_2(argv, expected, tmp_path)
     assert expected in proc.stderr
     assert proc.stdout == ""
     assert not ray_tmp.exists() and not (tmp_path / "runs").exists()
-    assert time.perf_counter() - started < 60
 
 
 def test_exit_with_exits_with_the_code_and_freezes_the_heap():

@@ -1,4 +1,4 @@
-"""Every registered component builds and runs; then checks of real values per kind. No Ray here."""
+"""Every registered component builds and runs on every dataset's tiny data; then checks of real values per kind. No Ray here."""
 
 from __future__ import annotations
 
@@ -9,15 +9,28 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_DUMMY, train_locally
+from helpers import MNIST_FILES, tiny_config, train_locally, write_idx_images, write_idx_labels
 
-from toolbox.checkpoint import load_state
-from toolbox.config import KINDS, check_against_data, check_components, resolve
-from toolbox.data import DATASETS, TensorData, build_dataset
-from toolbox.losses import CRITERIA
-from toolbox.metrics import METRICS
-from toolbox.models import MODELS, Dropout, build_model
-from toolbox.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, load_optimizer_and_scheduler, lr_schedule
+from toolbox.components.datasets import DATASETS
+from toolbox.components.losses import CRITERIA
+from toolbox.components.metrics import METRICS
+from toolbox.components.models import MODELS, Dropout
+from toolbox.components.optimizers import OPTIMIZERS
+from toolbox.components.schedulers import SCHEDULERS
+from toolbox.config.registry import ConfigError
+from toolbox.config.resolve import resolve
+from toolbox.data.tensors import DataSpec, TensorData
+from toolbox.training.builders import (
+    build_dataset,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    check_against_data,
+    check_components,
+    lr_schedule,
+)
+from toolbox.training.checkpoint import load_state
+from toolbox.training.resume import restore_optimization
 
 
 def registered(*registries):
@@ -25,23 +38,24 @@ def registered(*registries):
     return [pytest.param(r, c.name, id=f"{r.kind}-{c.name}") for r in registries for c in r]
 
 
-def tiny_config(mnist_root, **given) -> dict:
-    """A resolved config on tiny data, 2 epochs of 4 steps, whichever components ``given`` picks."""
-    config = resolve({"epochs": 2, "batch_size": 16, **given}, strict=False)
-    data_keys = {"DummyDataset": TINY_DUMMY, "MNIST": {"mnist_root": str(mnist_root)}}.get(config["dataset"], {})
-    return resolve({"epochs": 2, "batch_size": 16, **data_keys, **given})
+def accepts(arch: str, dataset: str, directory) -> bool:
+    """Whether the model builds for the dataset's samples (a model refuses a shape it cannot take)."""
+    config = tiny_config(directory, arch=arch, dataset=dataset)
+    try:
+        check_components(config, build_dataset(config).spec)
+    except ConfigError:
+        return False
+    return True
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(*KINDS, METRICS))
-def test_every_component_builds_and_trains(registry, name, tiny_mnist, tmp_path):
-    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs."""
-    config = tiny_config(tiny_mnist[0], **{registry.selector: (name,) if registry is METRICS else name})
+def assert_trains(config: dict, checkpoints) -> None:
+    """Two epochs run, report sane values, and change the weights."""
     data = build_dataset(config)
-    check_against_data(config, check_components(config), data)
+    check_against_data(config, check_components(config, data.spec), data)
     torch.manual_seed(config["seed"])  # the loop's own seeding: the same initial weights
-    initial = build_model(config).state_dict()
+    initial = build_model(config, data.spec).state_dict()
 
-    rows = train_locally(config, data, checkpoints=tmp_path)
+    rows = train_locally(config, data, checkpoints=checkpoints)
 
     assert [row["epoch"] for row in rows] == [1, 2]
     assert rows[-1]["global_step"] == 2 * math.ceil(len(data.train_y) / config["batch_size"])
@@ -49,34 +63,80 @@ def test_every_component_builds_and_trains(registry, name, tiny_mnist, tmp_path)
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) and row["lr"] > 0
         for metric in config["metrics"]:
             assert 0.0 <= row[f"val_{metric}"] <= 100.0
-    final = load_state(tmp_path / "epoch_2")["model"]
+    final = load_state(checkpoints / "epoch_2")["model"]
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in final), "two epochs of training changed no weight"
+
+
+@pytest.mark.parametrize("dataset", DATASETS.names())
+@pytest.mark.parametrize("arch", MODELS.names())
+def test_every_model_trains_on_every_dataset_whose_shape_it_accepts(arch, dataset, tmp_path):
+    if not accepts(arch, dataset, tmp_path / "data"):
+        pytest.skip(f"{arch} does not take {dataset}'s samples (test_every_model_and_dataset_meet_once checks coverage)")
+    assert_trains(tiny_config(tmp_path / "data", arch=arch, dataset=dataset), tmp_path / "checkpoints")
+
+
+def test_every_model_and_dataset_meet_once(tmp_path):
+    """No model without a dataset it takes and no dataset without a model: the skips above hide nothing."""
+    pairs = {(a, d) for a in MODELS.names() for d in DATASETS.names() if accepts(a, d, tmp_path / d)}
+    assert {a for a, _ in pairs} == set(MODELS.names())
+    assert {d for _, d in pairs} == set(DATASETS.names())
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+def test_every_component_builds_and_trains(registry, name, tmp_path):
+    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs."""
+    config = tiny_config(tmp_path / "data", **{registry.selector: (name,) if registry.many else name})
+    assert_trains(config, tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+def test_every_parameter_has_a_help_line(registry, name):
+    """--help takes each parameter's description from its docstring's Args: section."""
+    component = registry[name]
+    assert component.summary, f"{name} has no docstring"
+    for param in component.params:
+        assert param.help, f"{name}: {param.name} has no line under Args: in its docstring"
 
 
 # --- models ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(MODELS))
-def test_model_outputs_logits_for_the_default_dataset(registry, name):
-    config = resolve({"arch": name})
-    model = build_model(config)
-    x = torch.randn(3, *config["dummy_input_shape"], requires_grad=True)
-    logits = model(x)
-    assert logits.shape == (3, config["dummy_num_classes"])
-    logits.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
-
-
-def test_feed_forward_layers_follow_the_config():
-    config = resolve(
-        {"ff_input_size": 12, "ff_hidden_sizes": (7, 5), "ff_output_dim": 3, "ff_dropout": 0.25, "ff_activation": "tanh"}
-    )
-    model = build_model(config)
+def test_feed_forward_layers_follow_the_config_and_sizes_come_from_the_data():
+    config = resolve({"ff_hidden_sizes": (7, 5), "ff_dropout": 0.25, "ff_activation": "tanh"})
+    model = build_model(config, DataSpec((3, 4), 3))
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(12, 7), (7, 5), (5, 3)]
     assert sum(isinstance(m, torch.nn.Tanh) for m in model) == 2
     assert [m.p for m in model if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
+    assert model(torch.randn(2, 3, 4)).shape == (2, 3)  # flattens its input itself
+    same = build_model(resolve({"ff_input_size": 12, "ff_output_dim": 3}), DataSpec((3, 4), 3))  # the original's flags
+    assert same[1].in_features == 12 and same[-1].out_features == 3
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"ff_input_size": 100}, "--ff-input-size 100 contradicts the data: its samples [3, 4] hold 12"),
+        ({"ff_output_dim": 5}, "--ff-output-dim 5 contradicts the data: its class count is 3"),
+    ],
+)
+def test_feed_forward_refuses_sizes_that_contradict_the_data(given, expected):
+    with pytest.raises(ConfigError) as refused:
+        check_components(resolve(given), DataSpec((3, 4), 3))
+    assert expected in str(refused.value)
+
+
+def test_conv_net_takes_images_and_refuses_flat_samples():
+    config = resolve({"arch": "ConvNet", "cnn_channels": (4, 8), "cnn_hidden_size": 16})
+    model = build_model(config, DataSpec((1, 28, 28), 10))
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8)]
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ConfigError, match=r"shape \[channels, height, width\], the data has \[784\]"):
+        build_model(config, DataSpec((784,), 10))
+    with pytest.raises(ConfigError, match="below 1 pixel"):
+        build_model(resolve({"arch": "ConvNet", "cnn_channels": (4, 4, 4)}), DataSpec((1, 4, 4), 10))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -107,13 +167,13 @@ def test_dropout_keeps_1_minus_p_scales_the_kept_and_replays_with_the_seed(p):
 
 
 @pytest.mark.parametrize(("registry", "name"), registered(DATASETS))
-def test_dataset_is_deterministic_and_well_formed(registry, name, tiny_mnist):
-    config = tiny_config(tiny_mnist[0], dataset=name)
+def test_dataset_is_deterministic_and_well_formed(registry, name, tmp_path):
+    config = tiny_config(tmp_path, dataset=name)
     a, b = build_dataset(config), build_dataset(config)
     for key in ("train_x", "train_y", "val_x", "val_y"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert len(a.train_x) == len(a.train_y) > 0 and len(a.val_x) == len(a.val_y) > 0
-    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape
+    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape and a.spec == (a.sample_shape, a.num_classes)
     for y in (a.train_y, a.val_y):
         assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < a.num_classes
     shared = TensorData.from_shared(a.to_shared())
@@ -128,22 +188,61 @@ def test_dummy_dataset_sizes_and_seed():
     assert not torch.equal(other_seed.train_x, data.train_x)
 
 
-def test_mnist_reads_the_idx_files_it_is_given(tiny_mnist):
+def test_mnist_reads_the_idx_files_it_is_given_as_images(tiny_mnist):
     root, written = tiny_mnist
     data = build_dataset(resolve({"dataset": "MNIST", "mnist_root": str(root)}))
-    assert torch.equal(data.train_x, written["train_x"].flatten(1))
-    assert torch.equal(data.val_x, written["val_x"].flatten(1))
+    assert data.sample_shape == (1, 28, 28) and data.num_classes == 10
+    assert torch.equal(data.train_x, written["train_x"].unsqueeze(1))
+    assert torch.equal(data.val_x, written["val_x"].unsqueeze(1))
     assert torch.equal(data.train_y, written["train_y"].long()) and torch.equal(data.val_y, written["val_y"].long())
-    assert data.num_classes == 10
-    normalized = data.normalize(data.train_x[:1])
-    expected = (written["train_x"][:1].flatten(1).float() / 255 - 0.1307) / 0.3081
-    assert torch.allclose(normalized, expected)
     index = torch.tensor([3, 0, 3, 1])
     for split in ("train", "val"):
         inputs, targets = data.batch(split, index)
-        pixels = written[f"{split}_x"].flatten(1)[index].float()
+        pixels = written[f"{split}_x"].unsqueeze(1)[index].float()
         assert inputs.dtype == torch.float32 and torch.allclose(inputs, (pixels / 255 - 0.1307) / 0.3081)
         assert torch.equal(targets, written[f"{split}_y"].long()[index])
+
+
+def _break(raw, how: str) -> None:
+    images, labels = raw / MNIST_FILES["train_x"], raw / MNIST_FILES["train_y"]
+    if how == "cut short":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif how == "wrong magic":
+        images.write_bytes(b"\x00\x00\x08\x02" + images.read_bytes()[4:])
+    elif how == "not idx":
+        images.write_bytes(b"<html>rate limited</html>")
+    elif how == "counts differ":
+        write_idx_labels(labels, torch.zeros(63, dtype=torch.uint8))
+    elif how == "label out of range":
+        write_idx_labels(labels, torch.full((64,), 10, dtype=torch.uint8))
+    elif how == "empty":
+        write_idx_images(images, torch.zeros(0, 28, 28, dtype=torch.uint8))
+        write_idx_labels(labels, torch.zeros(0, dtype=torch.uint8))
+    elif how == "unreadable":
+        images.unlink()
+        images.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("cut short", "train-images-idx3-ubyte: cut short: 50076 bytes of data for shape [64, 28, 28], expected 50176"),
+        ("wrong magic", "train-images-idx3-ubyte: has 2 dimensions, expected 3"),
+        ("not idx", "train-images-idx3-ubyte: not an IDX file (magic number 3c68746d)"),
+        ("counts differ", "the train split has 64 samples but 63 labels"),
+        ("label out of range", "the train labels run from 10 to 10, outside the 10 classes 0..9"),
+        ("empty", "the train split has no samples"),
+        ("unreadable", "train-images-idx3-ubyte: cannot read it"),
+    ],
+)
+def test_a_bad_mnist_file_is_one_config_error(how, expected, tmp_path):
+    from helpers import write_tiny_mnist
+
+    write_tiny_mnist(tmp_path)
+    _break(tmp_path / "MNIST" / "raw", how)
+    with pytest.raises(ConfigError) as refused:
+        build_dataset(resolve({"dataset": "MNIST", "mnist_root": str(tmp_path)}))
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_normalize_never_writes_its_input():
@@ -203,23 +302,25 @@ def test_optimizer_steps_reduce_a_quadratic_loss(registry, name):
     assert losses[-1] < losses[0]
 
 
+def _steps(model, optimizer, x, y, n, scheduler=None):
+    for _ in range(n):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
 @pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
 def test_optimizer_state_survives_a_weights_only_checkpoint(registry, name):
     """A resumed optimizer continues exactly like the uninterrupted one."""
     config = resolve({"optimizer": name})
-
-    def steps(model, optimizer, x, y, n):
-        for _ in range(n):
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
-
     model, x, y = _regression()
     optimizer = build_optimizer(config, model.parameters())
-    steps(model, optimizer, x, y, 3)
+    _steps(model, optimizer, x, y, 3)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    steps(model, optimizer, x, y, 3)
+    _steps(model, optimizer, x, y, 3)
 
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
@@ -227,7 +328,7 @@ def test_optimizer_state_survives_a_weights_only_checkpoint(registry, name):
     resumed.load_state_dict(state["model"])
     resumed_optimizer = build_optimizer(config, resumed.parameters())
     resumed_optimizer.load_state_dict(state["optimizer"])
-    steps(resumed, resumed_optimizer, x, y, 3)
+    _steps(resumed, resumed_optimizer, x, y, 3)
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
 
 
@@ -238,21 +339,20 @@ def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_o
     config = resolve({"optimizer": name, "scheduler": "none"})
     model, x, y = _regression()
     optimizer = build_optimizer(config, model.parameters())
+    scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch=1)
     assert all(group["fused"] is True for group in optimizer.param_groups)
-    F.mse_loss(model(x), y).backward()
-    optimizer.step()
+    _steps(model, optimizer, x, y, 1, scheduler)
     saved = copy.deepcopy(optimizer.state_dict())  # state_dict() shares the live state tensors
-    saved_without_fused = {**saved, "param_groups": [{**g, "fused": None} for g in saved["param_groups"]]}
+    saved["param_groups"] = [{**g, "fused": None} for g in saved["param_groups"]]
+    state = {"config": config, "optimizer": saved, "scheduler": scheduler.state_dict(), "global_step": 1, "epoch": 1}
     resumed, _, _ = _regression()
     resumed.load_state_dict(model.state_dict())
     resumed_optimizer = build_optimizer(config, resumed.parameters())
-    scheduler, _ = build_scheduler(config, resumed_optimizer, steps_per_epoch=1)
-    load_optimizer_and_scheduler(resumed_optimizer, scheduler, saved_without_fused, scheduler.state_dict())
+    resumed_scheduler, _ = build_scheduler(config, resumed_optimizer, steps_per_epoch=1)
+    restore_optimization(state, config, resumed_optimizer, resumed_scheduler, interval, 1)
     assert all(group["fused"] is True for group in resumed_optimizer.param_groups)
-    for m, opt in ((model, optimizer), (resumed, resumed_optimizer)):
-        opt.zero_grad()
-        F.mse_loss(m(x), y).backward()
-        opt.step()
+    _steps(model, optimizer, x, y, 1)
+    _steps(resumed, resumed_optimizer, x, y, 1)
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
 
 
@@ -267,21 +367,8 @@ def test_scheduler_lr_stays_positive_and_at_most_the_peak(registry, name):
     assert all(math.isfinite(lr) and 0 < lr <= 0.01 * (1 + 1e-9) for lr in lrs), lrs
 
 
-def _resume_cases() -> list:
-    cases = []
-    for component in SCHEDULERS:
-        for more_epochs in (False, True):
-            cases.append(
-                pytest.param(
-                    component.name,
-                    more_epochs,
-                    id=f"{component.name}-{'more' if more_epochs else 'same'}-epochs",
-                )
-            )
-    return cases
-
-
-@pytest.mark.parametrize(("name", "more_epochs"), _resume_cases())
+@pytest.mark.parametrize("more_epochs", [False, True], ids=["same-epochs", "more-epochs"])
+@pytest.mark.parametrize("name", SCHEDULERS.names())
 def test_scheduler_resumes_from_a_weights_only_checkpoint(name, more_epochs):
     """Save optimizer + scheduler after 2 of 4 epochs, reload into fresh ones: the lr sequence continues.
 
@@ -307,15 +394,16 @@ def test_scheduler_resumes_from_a_weights_only_checkpoint(name, more_epochs):
                 scheduler.step()
         return lrs
 
-    optimizer, scheduler, interval = fresh({**config, "epochs": 2} if more_epochs else config)
+    first = {**config, "epochs": 2} if more_epochs else config
+    optimizer, scheduler, interval = fresh(first)
     head = run(optimizer, scheduler, interval, 2 * steps_per_epoch)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
     buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = {**torch.load(buffer, weights_only=True), "config": first, "epoch": 2, "global_step": 2 * steps_per_epoch}
 
     optimizer, scheduler, interval = fresh(config)
-    load_optimizer_and_scheduler(optimizer, scheduler, state["optimizer"], state["scheduler"])
+    restore_optimization(state, config, optimizer, scheduler, interval, steps_per_epoch)
     tail = run(optimizer, scheduler, interval, 2 * steps_per_epoch)
 
     expected = lr_schedule(config, steps_per_epoch)
@@ -348,33 +436,3 @@ def test_none_scheduler_is_constant_and_warmups_rise_to_the_peak():
     assert lrs[10:] == sorted(lrs[10:], reverse=True)
     cosine = lr_schedule(resolve({"scheduler": "cosine_annealing_lr", "lr": 0.1, "epochs": 2, "eta_min_factor": 0.1}), 50)
     assert cosine[0] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.01, abs=1e-3)
-
-
-# --- metrics --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("registry", "name"), registered(METRICS))
-def test_metric_is_a_sum_that_adds_up_over_batches(registry, name):
-    """Metrics return the batch's sum, so rank and batch partial results add up to the whole set's."""
-    g = torch.Generator().manual_seed(0)
-    logits, targets = torch.randn(10, 7, generator=g), torch.randint(0, 7, (10,), generator=g)
-    fn = METRICS[name].fn
-    whole = fn(logits, targets)
-    assert whole.shape == ()
-    assert torch.allclose(whole.double(), fn(logits[:4], targets[:4]).double() + fn(logits[4:], targets[4:]).double())
-    perfect = fn(F.one_hot(targets, 7).float(), targets)
-    assert perfect.item() == pytest.approx(100.0 * len(targets))
-
-
-def test_top_k_accuracy_values():
-    logits = torch.tensor(
-        [
-            [9.0, 8, 7, 6, 5, 4],  # target 0: top-1 and top-5
-            [9.0, 8, 7, 6, 5, 4],  # target 4: top-5 only
-            [9.0, 8, 7, 6, 5, 4],  # target 5: neither
-            [0.0, 0, 0, 1, 0, 0],  # target 3: top-1
-        ]
-    )
-    targets = torch.tensor([0, 4, 5, 3])
-    assert METRICS["top_1_accuracy"].fn(logits, targets).item() == pytest.approx(200.0)
-    assert METRICS["top_5_accuracy"].fn(logits, targets).item() == pytest.approx(300.0)

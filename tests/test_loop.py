@@ -6,12 +6,15 @@ import threading
 
 import pytest
 import torch
-from helpers import TINY_DUMMY, assert_same_weights, train_locally
+from helpers import TINY_DUMMY, assert_same_weights, collecting_session, train_locally
 
-from toolbox.checkpoint import load_state, save_state
-from toolbox.config import resolve
-from toolbox.data import build_dataset
-from toolbox.optim import SCHEDULERS, lr_schedule
+from toolbox.components.optimizers import OPTIMIZERS
+from toolbox.components.schedulers import SCHEDULERS
+from toolbox.config.registry import Fraction, PositiveFloat
+from toolbox.config.resolve import resolve
+from toolbox.training.builders import build_dataset, lr_schedule
+from toolbox.training.checkpoint import load_state, save_state
+from toolbox.training.loop import train
 
 RESUMABLE = {**TINY_DUMMY, "batch_size": 16, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "epochs": 4}
 
@@ -126,3 +129,78 @@ def test_training_flushes_subnormals_in_its_thread_and_the_threads_torch_starts_
     thread.start()
     thread.join()
     assert survivors == [4, 0]
+
+
+@pytest.fixture
+def test_only_components(monkeypatch):
+    """An optimizer and a scheduler that exist only in this test, each with a parameter no other component has."""
+    for registry in (OPTIMIZERS, SCHEDULERS):
+        monkeypatch.setattr(registry, "_components", dict(registry._components))
+
+    @OPTIMIZERS.register("test_rmsprop", prefix="test")
+    def rmsprop(params, /, *, lr: PositiveFloat = 1e-3, alpha: Fraction = 0.99):
+        """RMSprop.
+
+        Args:
+            lr: learning rate.
+            alpha: smoothing constant.
+        """
+        return torch.optim.RMSprop(params, lr=lr, alpha=alpha)
+
+    @SCHEDULERS.register("test_exponential", prefix="test", interval="epoch")
+    def exponential(optimizer, steps_per_epoch: int, epochs: int, /, *, decay: PositiveFloat = 0.5):
+        """The lr times decay after every epoch.
+
+        Args:
+            decay: the factor.
+        """
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+
+    return {**RESUMABLE, "optimizer": "test_rmsprop", "scheduler": "test_exponential", "test_lr": 1e-3}
+
+
+def _changed(config: dict, **values) -> dict:
+    return resolve({**values, "epochs": 4}, base={**config, "epochs": 2})
+
+
+def _saved_hyperparameters(checkpoint) -> tuple[float, float]:
+    state = load_state(checkpoint)
+    return state["optimizer"]["param_groups"][0]["alpha"], state["scheduler"]["gamma"]
+
+
+def test_a_resumed_run_takes_changed_optimizer_and_scheduler_values_from_the_next_step(test_only_components, tmp_path):
+    """``--resume RUN --test-alpha 0.9 --test-decay 0.8 --test-lr 2e-3``: every changed value, of components the
+    loop has never heard of, applies from the first resumed step; the lr continues from where the run was."""
+    config = resolve({**test_only_components, "epochs": 2})
+    data = build_dataset(config)
+    first = train_locally(config, data, checkpoints=tmp_path / "first")
+    assert [r["lr"] for r in first] == pytest.approx([1e-3, 5e-4])
+    assert _saved_hyperparameters(tmp_path / "first" / "epoch_2") == pytest.approx((0.99, 0.5))
+
+    resumed_config = _changed(config, test_alpha=0.9, test_decay=0.8, test_lr=2e-3)
+    resumed = train_locally(resumed_config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "first" / "epoch_2")
+
+    # Where the run was (2.5e-4) times the new lr's ratio (2), then the new decay.
+    assert [r["lr"] for r in resumed] == pytest.approx([5e-4, 5e-4 * 0.8])
+    assert _saved_hyperparameters(tmp_path / "resumed" / "epoch_4") == pytest.approx((0.9, 0.8))
+    unchanged = train_locally(_changed(config), data, resume_from=tmp_path / "first" / "epoch_2")
+    assert [r["lr"] for r in unchanged] == pytest.approx([2.5e-4, 1.25e-4])  # the control: old values, old decay
+
+
+def test_an_exploited_checkpoint_continues_with_the_exploiting_trials_values(test_only_components, tmp_path):
+    """PBT's exploit: a trial with its own values starts from another trial's checkpoint (Tune hands it over
+    as the session's latest checkpoint) and trains on with its own optimizer and scheduler values."""
+    from ray.train import Checkpoint
+
+    donor = resolve({**test_only_components, "epochs": 2, "test_alpha": 0.95, "test_decay": 0.5})
+    data = build_dataset(donor)
+    train_locally(donor, data, checkpoints=tmp_path / "donor")
+    exploiting = resolve({**test_only_components, "epochs": 3, "test_alpha": 0.8, "test_decay": 0.9, "test_lr": 5e-4})
+    rows: list[dict] = []
+    session = collecting_session(rows, tmp_path / "exploiting")
+    session.latest_checkpoint = lambda: Checkpoint.from_directory(str(tmp_path / "donor" / "epoch_2"))
+    train(exploiting, data, session)
+
+    assert [r["epoch"] for r in rows] == [3]
+    assert rows[0]["lr"] == pytest.approx(2.5e-4 * 0.5)  # the donor's lr where it was, at the exploiter's ratio
+    assert _saved_hyperparameters(tmp_path / "exploiting" / "epoch_3") == pytest.approx((0.8, 0.9))

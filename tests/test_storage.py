@@ -7,7 +7,7 @@ import pickle
 
 import pyarrow.fs
 
-from toolbox.storage import filesystem_for
+from toolbox.distributed.storage import filesystem_for
 
 
 def test_a_file_appears_only_when_closed_and_whole(tmp_path):

@@ -18,7 +18,7 @@ from helpers import ROOT, python_env
 TINY = """\
 from ray import tune
 base = {"dataset": "DummyDataset", "dummy_n_samples": 256, "dummy_val_n_samples": 64, "dummy_input_shape": (16,),
-        "ff_input_size": 16, "ff_hidden_sizes": (16,), "batch_size": 32}
+        "ff_hidden_sizes": (16,), "batch_size": 32}
 num_samples = 1  # each grid value once
 """
 

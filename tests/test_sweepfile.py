@@ -10,13 +10,15 @@ import pytest
 from helpers import ROOT
 
 from toolbox import sweep as sweep_cli
-from toolbox.registry import ConfigError
-from toolbox.sweepfile import candidate_params, load
+from toolbox.components.datasets import DATASETS
+from toolbox.config.registry import ConfigError
+from toolbox.training.builders import build_dataset
+from toolbox.tuning.sweepfile import candidate_params, check_trials, load
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
 GOOD = """\
 from ray import tune
-base = {"dataset": "DummyDataset", "dummy_input_shape": (8,), "ff_input_size": 8}
+base = {"dataset": "DummyDataset", "dummy_input_shape": (8,)}
 space = {
     "optimizer": tune.choice(["adamw", "sgd"]),
     "lr": {"adamw": tune.loguniform(1e-4, 1e-3), "sgd": tune.loguniform(1e-2, 1e-1)},
@@ -34,10 +36,13 @@ def write(tmp_path: Path, text: str, name: str = "sweep_under_test.py") -> Path:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_sweep_files_load(path):
-    sweep = load(path)
+def test_shipped_sweep_files_load_and_their_trials_build(path, tmp_path):
+    """Each shipped sweep file, on its dataset's tiny test data: every candidate trial builds for that data."""
+    dataset = load(path).trial_config({})["dataset"]
+    sweep = load(path, base_overrides=DATASETS[dataset].meta["tiny"](tmp_path))
     assert sweep.space and sweep.num_samples >= 1
     assert candidate_params(sweep.space), "the checks must have tried some trial configs"
+    check_trials(sweep, build_dataset(sweep.trial_config({})).spec, str(path))
 
 
 def test_lr_sched_is_the_issue_sweep():
@@ -53,7 +58,7 @@ def test_space_is_conditional_on_the_chosen_component(tmp_path):
     sgd = sweep.trial_config({"optimizer": "sgd", "lr": {"adamw": 5e-4, "sgd": 0.05}, "momentum": 0.85})
     assert adamw["lr"] == 5e-4 and "momentum" not in adamw
     assert sgd["lr"] == 0.05 and sgd["momentum"] == 0.85
-    assert sgd["epochs"] == 2 and sgd["ff_input_size"] == 8
+    assert sgd["epochs"] == 2 and sgd["dummy_input_shape"] == (8,)
 
 
 BAD = {
@@ -101,5 +106,5 @@ def test_cli_override_is_checked_too(tmp_path):
     path = write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
         load(path, {"num_samples": 0})
-    with pytest.raises(ConfigError, match="--ff-dropout must be in"):
+    with pytest.raises(ConfigError, match=r"--ff-dropout must be >= 0 and < 1, got 1.5"):
         load(path, base_overrides={"ff_dropout": 1.5})

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolbox import cluster
-from toolbox.checkpoint import find_checkpoint, load_state
-from toolbox.cli import Parser, add_config_flags, exit_with, given_config
-from toolbox.config import check_against_data, check_components, resolve
-from toolbox.data import TensorData, build_dataset
-from toolbox.epochlog import LOG_FILE, EpochLog
-from toolbox.registry import ConfigError
-from toolbox.storage import filesystem_for
+from toolbox.config.flags import Parser, add_config_flags, exit_with, given_config
+from toolbox.config.registry import ConfigError
+from toolbox.config.resolve import resolve
+from toolbox.data.tensors import TensorData
+from toolbox.distributed import cluster
+from toolbox.distributed.trainer import Workers, torch_trainer
+from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.checkpoint import find_checkpoint, load_state
+from toolbox.training.epochlog import LOG_FILE, EpochLog
 
 log = logging.getLogger("toolbox")
 
@@ -82,43 +83,18 @@ def prepare(argv: list[str] | None) -> Plan:
         resume_path = str(find_checkpoint(resume_path))
         state = load_state(resume_path)
     config = resolve(given_config(args), base=state["config"] if state else None)
-    model = check_components(config)
+    data = build_dataset(config)
+    model = check_components(config, data.spec)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
-    data = build_dataset(config)
     check_against_data(config, model, data)
     if not args.address:
         cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
     return Plan(config, args, data, run_dir, resume_path)
-
-
-def train_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker entry point."""
-    import ray
-    import torch
-
-    from toolbox.loop import train, train_session
-
-    torch.set_num_threads(loop_config["threads"])
-    data = TensorData.from_shared(ray.get(loop_config["data"]))
-    train(loop_config["config"], data, train_session(), loop_config["resume_from"])
-
-
-def epoch_log_callback(run_dir: Path, epochs: int):
-    """A Ray Train callback, run in the controller on the driver's node, that writes the epoch table."""
-    from ray.train import UserCallback
-
-    class EpochLogCallback(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not hasattr(self, "log"):
-                self.log = EpochLog(run_dir, epochs)
-            self.log.append(metrics[0])
-
-    return EpochLogCallback()
 
 
 def follow(path: Path, stop: threading.Event) -> None:
@@ -140,8 +116,6 @@ def follow(path: Path, stop: threading.Event) -> None:
 def fit(plan: Plan):
     """Start Ray and train; returns Ray Train's Result."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     args, config = plan.args, plan.config
     url = cluster.start(args.address, verbose=args.verbose)
@@ -159,26 +133,14 @@ def fit(plan: Plan):
         log.info("Ray dashboard: %s", url)
     if plan.resume_from:
         log.info("resuming from %s", plan.resume_from)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": config,
-            "data": ray.put(plan.data.to_shared()),
-            "resume_from": plan.resume_from,
-            "threads": max(1, int(args.cpus_per_worker)),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=args.workers, use_gpu=args.use_gpu, resources_per_worker={"CPU": args.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=args.name,
-            storage_path=str(plan.run_dir.parent),
-            storage_filesystem=filesystem_for(plan.run_dir),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            callbacks=[epoch_log_callback(plan.run_dir, config["epochs"])],
-        ),
+    trainer = torch_trainer(
+        config,
+        ray.put(plan.data.to_shared()),
+        Workers(args.workers, args.cpus_per_worker, 1.0 if args.use_gpu else 0.0),
+        name=args.name,
+        storage=plan.run_dir.parent,
+        epoch_log_dir=plan.run_dir,
+        resume_from=plan.resume_from,
     )
     stop = threading.Event()
     echo = threading.Thread(target=follow, args=(plan.run_dir / LOG_FILE, stop), daemon=True)

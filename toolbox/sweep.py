@@ -19,14 +19,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from toolbox import cluster, results
-from toolbox.cli import Parser, add_config_flags, exit_with, given_config
-from toolbox.config import check_against_data, check_components
-from toolbox.data import build_dataset
-from toolbox.registry import ConfigError
-from toolbox.storage import filesystem_for
-from toolbox.sweepfile import FIELDS, Sweep, load
-from toolbox.trial import TRAIN_DRIVER_RESOURCE, run_trial
+from toolbox.config.flags import Parser, add_config_flags, exit_with, given_config
+from toolbox.config.registry import ConfigError
+from toolbox.distributed import cluster
+from toolbox.distributed.storage import filesystem_for
+from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.tuning import results
+from toolbox.tuning.sweepfile import FIELDS, Sweep, check_trials, load
+from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial
 
 log = logging.getLogger("toolbox")
 
@@ -112,7 +112,7 @@ def trial_checkpoints(sweep: Sweep):
 def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float, progress):
     from ray import tune
 
-    from toolbox.tuning import search_algorithm, trial_scheduler
+    from toolbox.tuning.search import search_algorithm, trial_scheduler
 
     filesystem = filesystem_for(exp_dir)
     if tune.Tuner.can_restore(str(exp_dir), storage_filesystem=filesystem):
@@ -148,12 +148,13 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     import ray
     from ray import tune
 
-    from toolbox.tuning import Progress, snapshot_after_every_change
+    from toolbox.tuning.progress import Progress
+    from toolbox.tuning.search import snapshot_after_every_change
 
     config = sweep.trial_config({})
-    model = check_components(config)
     data = build_dataset(config)
-    check_against_data(config, model, data)
+    check_trials(sweep, data.spec, args.sweep_file)
+    check_against_data(config, check_components(config, data.spec), data)
     exp_dir = Path(args.storage).expanduser().resolve() / sweep.name
     if args.restart and exp_dir.exists():
         log.info("--restart: removing %s", exp_dir)
@@ -197,7 +198,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     fit_s = time.time() - fit_started
     rows = results.trial_rows(grid, sweep, progress.startup_s)
     print(results.format_table(rows, sweep), flush=True)
-    # Ray's shutdown waits ~1 s for its processes to exit: write the results and plots meanwhile.
+    # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
         written = pool.submit(results.write, rows, sweep, exp_dir)
         ray.shutdown()

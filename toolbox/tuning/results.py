@@ -14,10 +14,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from toolbox.config import TRAINING_KEYS, flag, resolve
-from toolbox.epochlog import read_rows
-from toolbox.optim import lr_schedule
-from toolbox.sweepfile import Sweep
+from toolbox.config.resolve import KINDS, SELECTORS, all_keys, flag, resolve
+from toolbox.training.epochlog import read_rows
+from toolbox.tuning.sweepfile import Sweep
 
 log = logging.getLogger("toolbox")
 
@@ -39,7 +38,7 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
                 "trial_id": trial_id,
                 "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
-                **{key: _plain(config.get(key)) for key in sweep.space},
+                **{key: _plain(config.get(key)) for key in swept_keys(sweep)},
                 sweep.metric: better(values) if values else math.nan,
                 "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
                 "epochs": epochs,
@@ -53,6 +52,11 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r[sweep.metric]), sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0))
     return rows
+
+
+def swept_keys(sweep: Sweep) -> list[str]:
+    """The results columns of the swept keys, in the registry's order."""
+    return [key for key in all_keys() if key in sweep.space]
 
 
 def _best_checkpoint(trial_dir: str | None, history: list[dict], sweep: Sweep) -> str | None:
@@ -94,6 +98,8 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
     }
     (out_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     try:
+        from toolbox.tuning.plots import plot
+
         plot(rows, sweep, out_dir)
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the results
         log.warning("plots skipped: %s", exc)
@@ -101,22 +107,26 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
 
 
 def retrain_command(config: dict, name: str) -> str:
-    """``python -m toolbox.run ...`` with every key that differs from the defaults of the chosen components."""
-    selectors = {k: config[k] for k in TRAINING_KEYS}
-    defaults = resolve(selectors)
+    """``python -m toolbox.run ...`` that trains exactly this config: its components, and every key
+    whose value differs from what ``toolbox.run`` would use for them."""
+    config = resolve(config)  # canonical values: tuples, not the lists of a JSON round trip
+    defaults = resolve({r.selector: config[r.selector] for r in KINDS})
     words = ["python", "-m", "toolbox.run"]
     for key, value in config.items():
-        if key in ("arch", "dataset", "optimizer", "scheduler", "epochs") or value != defaults.get(key):
-            if isinstance(value, bool):
-                words.append(flag(key) if value else "--no-" + flag(key)[2:])
-            else:
-                words += [flag(key), *map(str, value if isinstance(value, (tuple, list)) else [value])]
+        names_a_component = key in SELECTORS and not SELECTORS[key].many
+        if value == defaults[key] and not names_a_component:
+            continue
+        if isinstance(value, bool):
+            words.append(flag(key) if value else "--no-" + flag(key)[2:])
+        else:
+            values = value if isinstance(value, (tuple, list)) else [value]
+            words += [flag(key), *("none" if v is None else str(v) for v in values)]
     return shlex.join(words + ["--name", name])
 
 
 def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
     """The ranked table printed at the end of a sweep."""
-    swept = list(sweep.space)
+    swept = swept_keys(sweep)
     header = ["rank", "trial", *swept, sweep.metric, "epochs", "time_s", "status"]
     lines = [
         [
@@ -144,55 +154,3 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     return str(value)
-
-
-def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
-    """plots/val_metric.png: the metric per epoch of every trial; plots/lr_schedule.png: the top trials' LR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = out_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for rank, row in enumerate(rows):
-        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
-        if history and sweep.metric in history[0]:
-            ax.plot(
-                [h["epoch"] for h in history],
-                [h[sweep.metric] for h in history],
-                marker="o",
-                markersize=3,
-                alpha=1.0 if rank < top else 0.35,
-                lw=2 if rank < top else 1,
-                label=f"#{rank + 1} {row['trial_id']}" if rank < top else None,
-            )
-    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.savefig(plots / "val_metric.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    peak = 0.0
-    for rank, row in enumerate(rows[:top]):
-        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
-        config = row["config"]
-        steps = history[0].get("steps_per_epoch") if history else None
-        steps = steps or 100
-        lrs = lr_schedule(config, steps)
-        peak = max(peak, *lrs)
-        ax.plot([i / steps for i in range(len(lrs))], lrs, label=f"#{rank + 1} {config['optimizer']}/{config['scheduler']}")
-    if peak:
-        ax.set_ylim(bottom=peak / 1e4)  # annealing to ~0 would stretch a log axis to 1e-10
-    ax.set(
-        xlabel="epoch",
-        ylabel="learning rate",
-        yscale="log",
-        title=f"{sweep.name}: LR schedule of the top {min(top, len(rows))} trials",
-    )
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from toolbox.registry import ConfigError
+from toolbox.config.registry import ConfigError
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"  # epoch and val loss, to pick a checkpoint without unpickling tensors

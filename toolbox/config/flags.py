@@ -8,9 +8,8 @@ import sys
 import typing
 from typing import Any, NoReturn
 
-from toolbox.config import KINDS, TRAINING_OPTIONS, all_keys, flag
-from toolbox.metrics import METRICS
-from toolbox.registry import Component, nearest
+from toolbox.config.registry import Component, Param, nearest
+from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, flag, optional_of, type_name, unwrap
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,14 +28,29 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _parse_none(inner: Any):
+    def parse(text: str):
+        return None if text.lower() == "none" else inner(text)
+
+    parse.__name__ = getattr(inner, "__name__", "value")
+    return parse
+
+
 def _argument(annotation: Any) -> dict[str, Any]:
-    """argparse keywords for a type hint."""
+    """argparse keywords for a type hint (values are checked by the config's rules afterwards)."""
+    inner = optional_of(annotation)
+    if inner is not None:
+        kwargs = _argument(inner)
+        kwargs["type"] = _parse_none(kwargs["type"])
+        kwargs.pop("choices", None)
+        return kwargs
+    annotation, _ = unwrap(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return {"choices": list(args), "type": type(args[0])}
     if origin is tuple:
-        variadic = args[-1] is Ellipsis
-        return {"nargs": "+" if variadic else len(args), "type": args[0], "metavar": "N" if args[0] is int else "X"}
+        item, _ = unwrap(args[0])
+        return {"nargs": "+" if args[-1] is Ellipsis else len(args), "type": item, "metavar": "N" if item is int else "X"}
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     return {"type": annotation}
@@ -59,31 +73,36 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
     for option in TRAINING_OPTIONS:
         if option.key in exclude:
             continue
-        if option.key == METRICS.selector:
-            kwargs = {"nargs": "+", "metavar": "METRIC"}
-            names = "; ".join(_describe(m) for m in METRICS)
-            help_text = f"{option.help} (default: {_show(option.default)}). Choices: {names}"
-            training.add_argument(
-                flag(option.key), "--active-metrics", dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs
-            )
-            continue
         help_text = f"{option.help} (default: {_show(option.default)})"
-        training.add_argument(
-            flag(option.key), dest=option.key, default=argparse.SUPPRESS, help=help_text, **_argument(option.type)
-        )
+        names = [flag(option.key)]
+        kwargs = _argument(option.type)
+        if option.key == "metrics":
+            names.append("--active-metrics")  # the original toolbox's name
+            kwargs = {"nargs": "+", "metavar": "METRIC"}
+        training.add_argument(*names, dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs)
     for registry in KINDS:
         default = next(o.default for o in TRAINING_OPTIONS if o.key == registry.selector)
-        description = f"choose with {flag(registry.selector)} (default {default}):\n  " + "\n  ".join(map(_describe, registry))
+        description = f"choose with {flag(registry.selector)} (default {_show(default)}):\n  " + "\n  ".join(
+            map(_describe, registry)
+        )
         group = parser.add_argument_group(f"{registry.kind}s", description)
         for key, param in registry.keys().items():
-            users = [f"{c.name}={_show(p.default)}" for c in registry for p in c.params if p.key == key]
+            takers = [(c.name, p) for c in registry for p in c.params if p.key == key]
+            defaults = ", ".join(f"{name}={_show(p.default)}" for name, p in takers)
+            help_text = f"{_shared_help(takers)} ({type_name(param.annotation)}; default: {defaults})"
             group.add_argument(
-                param.flag,
-                dest=key,
-                default=argparse.SUPPRESS,
-                help=f"default: {', '.join(users)}",
-                **_argument(param.annotation),
+                param.flag, dest=key, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"), **_argument(param.annotation)
             )
+
+
+def _shared_help(takers: list[tuple[str, Param]]) -> str:
+    """One key's docstring lines; where components describe it differently, each says its own."""
+    by_text: dict[str, list[str]] = {}
+    for name, param in takers:
+        by_text.setdefault(param.help, []).append(name)
+    if len(by_text) == 1:
+        return next(iter(by_text))
+    return "; ".join(f"{', '.join(names)}: {text.rstrip('.')}" for text, names in by_text.items())
 
 
 def given_config(namespace: argparse.Namespace) -> dict[str, Any]:
@@ -93,8 +112,7 @@ def given_config(namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def exit_with(code: int) -> NoReturn:
-    """``sys.exit(code)`` without the interpreter's last full garbage collection: over the objects
-    that torch, Ray and Tune leave behind it took about 1 s after a sweep had printed its results.
-    The process is ending; the OS frees its memory."""
+    """``sys.exit(code)`` without the interpreter's last full garbage collection over what torch, Ray
+    and Tune leave behind: the process is ending, and the OS frees its memory."""
     gc.freeze()
     sys.exit(code)

@@ -17,6 +17,7 @@ Everything is checked here, before Ray starts: a typo must not cost a 30-minute 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -26,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolbox.config import KINDS, TRAINING_OPTIONS, all_keys, check_components, flag, resolve
-from toolbox.data import DATASETS
-from toolbox.registry import ConfigError, nearest
+from toolbox.components.datasets import DATASETS
+from toolbox.config.registry import ConfigError, nearest
+from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, flag, resolve
+from toolbox.data.tensors import DataSpec
 
 TRIAL_SCHEDULERS = ("asha", "fifo", "hyperband", "median_stopping", "pbt")
 SEARCHES = ("random", "optuna")
@@ -51,8 +53,8 @@ class Sweep:
     cpus_per_worker: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int = 0  # 0: as many as the resources allow
-    # One-worker trials run the loop in the trial's own process (no worker group: ~20 s saved per
-    # trial). False runs them through a TorchTrainer, like multi-worker trials.
+    # One-worker trials run the loop in the trial's own process, with no worker group to start.
+    # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
 
     @property
@@ -156,18 +158,35 @@ def check(sweep: Sweep, where: str) -> None:
     if swept_data:
         raise ConfigError(f"{where}: {swept_data[0]!r} cannot be swept: the data is loaded once and shared by all trials")
     _check_fields(sweep, where)
-    built: dict = {}
+    metrics = set()
     for params in candidate_params(sweep.space):
-        try:
-            check_components(sweep.trial_config(params), built)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
-    reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in sweep.trial_config({})["metrics"]}
+        with _in_trial(where, params):
+            metrics.update(sweep.trial_config(params)["metrics"])  # every value meets its rules
+    reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in metrics}
     if sweep.metric not in reported:
         raise ConfigError(
             f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
             f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})"
         )
+
+
+def check_trials(sweep: Sweep, spec: DataSpec, where: str) -> None:
+    """Every component of every candidate trial builds for the data's shape (each distinct one once)."""
+    from toolbox.training.builders import check_components
+
+    built: dict = {}
+    for params in candidate_params(sweep.space):
+        with _in_trial(where, params):
+            check_components(sweep.trial_config(params), spec, built)
+
+
+@contextlib.contextmanager
+def _in_trial(where: str, params: dict[str, Any]):
+    """A ConfigError raised inside names the sweep file and the trial's values."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
 
 
 def _check_fields(sweep: Sweep, where: str) -> None:

@@ -21,19 +21,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from toolbox.baselines import (
+from toolbox.bench.baselines import (
     ORIGINAL_DROPOUT,
-    local_session,
     optuna_sweep,
     original_pipeline_epoch_s,
     original_toolbox_epoch_s,
     plain_epoch,
 )
-from toolbox.cli import exit_with
-from toolbox.config import resolve
-from toolbox.data import build_dataset
-from toolbox.loop import train
-from toolbox.sweepfile import load
+from toolbox.config.flags import exit_with
+from toolbox.config.resolve import resolve
+from toolbox.training.builders import build_dataset
+from toolbox.training.loop import train
+from toolbox.training.session import local_session
+from toolbox.tuning.sweepfile import load
 
 SECTIONS = ("data", "overhead", "sweep", "memory", "ddp")
 MNIST_TRAIN_SAMPLES = 60_000
@@ -137,6 +137,11 @@ def sweep_figures(out: Path, name: str, sweep_file: str, *extra: str) -> dict:
     }
 
 
+def _collecting(rows: list[dict], device: str = "cpu"):
+    """A Session without Ray that appends every reported row to ``rows``."""
+    return local_session(lambda metrics, _checkpoint: rows.append(metrics), device)
+
+
 def bench_data(table: Table, args, out: Path) -> None:
     config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": 3})
     data = build_dataset(config)
@@ -145,7 +150,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
     plain_s = min(plain_epoch(config, data) for _ in range(2))
     rows: list[dict] = []
-    train(config, data, local_session(rows.append))
+    train(config, data, _collecting(rows))
     loop_s = min(samples / row["samples_per_s"] for row in rows)
     table.add(
         "MNIST epoch (train), toolbox loop in process vs plain PyTorch loop, 1 thread",
@@ -320,7 +325,7 @@ def bench_sweep(table: Table, args, out: Path) -> None:
         "<= 0.4 (2.5x better)",
         ours_per_epoch <= pattern_per_epoch / 2.5,
     )
-    # The same, counting only Tune's fit (both sides leave out Python and Ray start-up, ~10 s each).
+    # The same, counting only Tune's fit (both sides leave out Python and Ray start-up).
     ours_fit, pattern_fit = asha["fit_s"] / asha["epochs"], train_pattern["fit_s"] / train_pattern["epochs"]
     table.add(
         "sweep Tune-fit s per trained epoch vs Tune -> TorchTrainer's",
@@ -385,7 +390,7 @@ def bench_gpu(table: Table, args, out: Path) -> None:
         plain_epoch(config, data, "cuda")  # warm-up: CUDA context and kernels
         plain_s = min(plain_epoch(config, data, "cuda") for _ in range(3))
         rows: list[dict] = []
-        train(config, data, local_session(rows.append, "cuda"))
+        train(config, data, _collecting(rows, "cuda"))
         loop_s = min(len(data.train_y) / row["samples_per_s"] for row in rows[1:])  # best epoch after warm-up, as for plain
         table.add(
             f"GPU MNIST epoch (train), toolbox loop vs plain loop, batch {batch}",

@@ -9,10 +9,10 @@ import socket
 import warnings
 from pathlib import Path
 
-from toolbox.registry import ConfigError
+from toolbox.config.registry import ConfigError
 
 log = logging.getLogger(__name__)
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def free_port() -> int:

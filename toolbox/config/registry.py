@@ -1,25 +1,64 @@
 """Component registries: a component is one function, and its keyword-only parameters are its config.
 
     @OPTIMIZERS.register("sgd")
-    def sgd(params, /, *, lr: float = 0.1, momentum: float = 0.9) -> torch.optim.Optimizer: ...
+    def sgd(params, /, *, lr: PositiveFloat = 0.1, momentum: Fraction = 0.9) -> torch.optim.Optimizer:
+        \"\"\"SGD with momentum.
 
-Positional parameters are supplied by the trainer (the model's parameters, the optimizer) and are
-not config. Each keyword-only parameter becomes a flat config key (``prefix_name``; the prefix is
-given at registration), a CLI flag (``--prefix-name``), a results column and a sweep-space key.
+        Args:
+            lr: learning rate.
+            momentum: momentum factor.
+        \"\"\"
+
+Positional parameters are supplied by the trainer (the model's parameters, the data's shape) and
+are not config. Each keyword-only parameter becomes a flat config key (``prefix_name``; the prefix
+is given at registration), a CLI flag (``--prefix-name``) whose help is its line under ``Args:``,
+a results column and a sweep-space key. Its type hint, rules included (``PositiveFloat``), is
+checked wherever a value enters: flags, sweep files, checkpoints.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 
 class ConfigError(ValueError):
     """A bad configuration, reported to the user as one line (exit code 2), before Ray starts."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A value rule for a number, used inside ``Annotated``: ``Annotated[float, Range(gt=0)]``."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def __str__(self) -> str:
+        bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+        return " and ".join(f"{op} {value:g}" for op, value in bounds if value is not None)
+
+
+PositiveInt = Annotated[int, Range(gt=0)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # [0, 1): dropout, momentum, label smoothing
+UnitInterval = Annotated[float, Range(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
@@ -28,6 +67,7 @@ class Param:
     name: str  # the function's parameter name, e.g. "hidden_sizes"
     annotation: Any
     default: Any
+    help: str = ""
 
     @property
     def flag(self) -> str:
@@ -62,25 +102,54 @@ def nearest(name: str, choices: list[str]) -> str:
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
 
 
+_SECTION = re.compile(r"^(Args|Arguments|Parameters):\s*$")
+_ENTRY = re.compile(r"^(\s+)(\w+)\s*(?:\([^)]*\))?:\s*(.*)$")
+
+
+def parameter_docs(fn: Callable) -> dict[str, str]:
+    """The ``name: text`` entries of a docstring's ``Args:`` section (Google style, as LightningCLI reads it)."""
+    docs: dict[str, str] = {}
+    inside, indent, current = False, None, None
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        if _SECTION.match(line):
+            inside, indent, current = True, None, None
+            continue
+        if not inside:
+            continue
+        if line.strip() and not line.startswith((" ", "\t")):
+            inside = False  # the next section
+            continue
+        entry = _ENTRY.match(line)
+        if entry and (indent is None or len(entry.group(1)) == indent):
+            indent, current = len(entry.group(1)), entry.group(2)
+            docs[current] = entry.group(3).strip()
+        elif current and line.strip():
+            docs[current] = f"{docs[current]} {line.strip()}".strip()
+    return docs
+
+
 class Registry:
     """Components of one kind (models, optimizers, ...), selected in the config by ``selector``."""
 
-    def __init__(self, kind: str, selector: str):
+    def __init__(self, kind: str, selector: str, *, many: bool = False):
         self.kind = kind
         self.selector = selector  # the config key naming the chosen component, e.g. "optimizer"
+        self.many = many  # the selector holds a list of names (metrics)
         self._components: dict[str, Component] = {}
 
     def register(self, name: str, *, prefix: str = "", **meta: Any) -> Callable:
         def decorate(fn: Callable) -> Callable:
             if name in self._components:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            hints = typing.get_type_hints(fn)
+            hints = typing.get_type_hints(fn, include_extras=True)
+            docs = parameter_docs(fn)
             params = tuple(
                 Param(
                     key=f"{prefix}_{p.name}" if prefix else p.name,
                     name=p.name,
                     annotation=hints.get(p.name, type(p.default)),
                     default=p.default,
+                    help=docs.get(p.name, ""),
                 )
                 for p in inspect.signature(fn).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -110,6 +179,11 @@ class Registry:
                 f"--{self.selector.replace('_', '-')}: unknown {self.kind} {name!r}{nearest(str(name), self.names())}; "
                 f"choices: {', '.join(self.names())}"
             ) from None
+
+    def chosen(self, config: dict[str, Any]) -> list[Component]:
+        """The components a config selects (one, or every listed one for a ``many`` registry)."""
+        names = config[self.selector]
+        return [self[name] for name in (names if self.many else [names])]
 
     def keys(self) -> dict[str, Param]:
         """Every config key any component of this kind takes (first registration wins for help)."""

@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from toolbox.registry import ConfigError
+from toolbox.config.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def raw_dir(root: str | Path) -> Path:
 
 
 def missing_files(root: str | Path) -> list[str]:
-    return [name for name in MD5 if not (raw_dir(root) / name).is_file()]
+    return [name for name in MD5 if not (raw_dir(root) / name).exists()]
 
 
 def md5(path: Path) -> str:

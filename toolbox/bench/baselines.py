@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from toolbox.data import TensorData
-from toolbox.loop import Session, train
-from toolbox.models import build_model
-from toolbox.optim import build_optimizer
+from toolbox.data.tensors import TensorData
+from toolbox.training.builders import build_model, build_optimizer
+from toolbox.training.loop import train
+from toolbox.training.session import local_session
 
 ORIGINAL_DROPOUT = 0.1  # the original FFNN's, fixed (no flag)
 
@@ -34,7 +34,7 @@ def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
     """Seconds for one training epoch of a bare loop: data pre-normalized, batched by index with
     ``index_select`` (on CPU a third of ``x[index]``'s time), so toolbox's loop gets no head start."""
     torch.manual_seed(config["seed"])
-    model = build_model(config).to(device)
+    model = build_model(config, data.spec).to(device)
     optimizer = build_optimizer(config, model.parameters())
     x, y = data.normalize(data.train_x).to(device), data.train_y.to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -127,12 +127,6 @@ def original_toolbox_epoch_s(checkout: str, root: str, batch_size: int, epochs: 
     return min((b - a).total_seconds() for a, b in zip(starts, starts[1:]))
 
 
-def local_session(report, device: str = "cpu") -> Session:
-    """A Session with no Ray: one process on ``device``, reporting to ``report(metrics)``."""
-    device = torch.device(device)
-    return Session(0, 1, device, lambda metrics, _checkpoint: report(metrics), lambda: None, lambda model: model.to(device))
-
-
 def optuna_sweep(
     configs: list[dict],
     data: TensorData,
@@ -169,7 +163,7 @@ def optuna_sweep(
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        train(config, data, local_session(report))
+        train(config, data, local_session(lambda metrics, _: report(metrics)))
         return best
 
     torch.set_num_threads(1)

@@ -1,8 +1,8 @@
 """A sweep trial: a Tune function trial running the same loop as ``toolbox.run``.
 
-One worker per trial: the loop runs in the trial's own process (no worker group to start, about 5 s
-saved per trial, and the trial actor is reused). Several workers: the trial builds and fits a
-TorchTrainer that reports to Tune through ``TuneReportCallback`` (Ray 2.60's Train-in-Tune pattern).
+One worker per trial: the loop runs in the trial's own process (no worker group to start, and the
+trial actor is reused). Several workers: the trial builds and fits a TorchTrainer that reports to
+Tune through ``TuneReportCallback`` (Ray 2.60's Train-in-Tune pattern).
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from toolbox.data import TensorData
-from toolbox.epochlog import EpochLog
-from toolbox.storage import filesystem_for
-from toolbox.sweepfile import Sweep
+from toolbox.data.tensors import TensorData
+from toolbox.training.epochlog import EpochLog
+from toolbox.tuning.sweepfile import Sweep
 
 # Custom resource that the Train-in-Tune trial function holds instead of a CPU (RAY-NOTES trap 8).
 TRAIN_DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
@@ -42,7 +41,8 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp_dir: str)
 def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog) -> None:
     import ray
 
-    from toolbox.loop import train, tune_session
+    from toolbox.training.loop import train
+    from toolbox.training.session import tune_session
 
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session = tune_session(use_gpu=sweep.gpus_per_trial > 0)
@@ -57,32 +57,14 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog)
 
 
 def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -> None:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from toolbox.run import epoch_log_callback, train_worker
+    from toolbox.distributed.trainer import Workers, torch_trainer
 
-    workers = sweep.workers_per_trial
-    per_worker = {"CPU": sweep.cpus_per_worker} | ({"GPU": sweep.gpus_per_trial / workers} if sweep.gpus_per_trial else {})
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": config,
-            "data": data_ref,
-            "resume_from": None,
-            "threads": max(1, int(sweep.cpus_per_worker)),
-        },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=sweep.gpus_per_trial > 0, resources_per_worker=per_worker),
-        # Re-running a trial (sweep resume) re-fits this same run, which resumes from its checkpoint.
-        run_config=RunConfig(
-            name="train",
-            storage_path=str(trial_dir),
-            storage_filesystem=filesystem_for(trial_dir),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            callbacks=[TuneReportCallback(), epoch_log_callback(trial_dir, config["epochs"])],
-        ),
+    count = sweep.workers_per_trial
+    workers = Workers(count, sweep.cpus_per_worker, sweep.gpus_per_trial / count)
+    # Re-running a trial (sweep resume) re-fits this same run, which resumes from its checkpoint.
+    trainer = torch_trainer(
+        config, data_ref, workers, name="train", storage=trial_dir, epoch_log_dir=trial_dir, callbacks=(TuneReportCallback(),)
     )
     trainer.fit()

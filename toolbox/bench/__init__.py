@@ -1,0 +1,1 @@
+"""``python -m toolbox.bench``: speed figures as ratios against baselines run side by side."""

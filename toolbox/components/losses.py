@@ -1,0 +1,19 @@
+"""Criteria (loss functions). ``fn(*, <config>) -> nn.Module`` taking (logits, targets)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from toolbox.config.registry import Fraction, Registry
+
+CRITERIA = Registry("criterion", selector="criterion")
+
+
+@CRITERIA.register("cross_entropy_loss")
+def cross_entropy_loss(*, label_smoothing: Fraction = 0.0) -> nn.Module:
+    """Cross-entropy on logits, with optional label smoothing.
+
+    Args:
+        label_smoothing: share of each target's probability spread over all classes.
+    """
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)

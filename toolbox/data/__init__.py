@@ -1,0 +1,1 @@
+"""Data in memory: ``TensorData`` (decoded once, batched by index) and the file formats datasets read."""

@@ -1,0 +1,96 @@
+"""``TensorData``: a dataset decoded once into tensors, batched by index (no per-sample Python transforms).
+
+Inputs may stay uint8 and are normalized per batch: cheap, and it keeps the shared copy small.
+A dataset declares its shape (``sample_shape``, ``num_classes``): models are built from it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from toolbox.config.registry import ConfigError
+
+TENSORS = ("train_x", "train_y", "val_x", "val_y")
+
+
+class DataSpec(NamedTuple):
+    """What a model is built for: one sample's shape and the number of classes."""
+
+    sample_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass
+class TensorData:
+    train_x: torch.Tensor  # [N, *sample_shape]
+    train_y: torch.Tensor  # [N] int64 class indices
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    scale: float = 1.0  # x * scale, then (x - mean) / std, applied per batch
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if len(x) == 0:
+                raise ConfigError(f"the {split} split has no samples")
+            if len(x) != len(y):
+                raise ConfigError(f"the {split} split has {len(x)} samples but {len(y)} labels")
+            if x.shape[1:] != self.train_x.shape[1:]:
+                raise ConfigError(f"val samples have shape {list(x.shape[1:])}, train samples {list(self.train_x.shape[1:])}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise ConfigError(
+                    f"the {split} labels run from {low} to {high}, outside the {self.num_classes} classes 0..{self.num_classes - 1}"
+                )
+        if not self.std > 0:
+            raise ConfigError(f"the data's std must be > 0, got {self.std}")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec(self.sample_shape, self.num_classes)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x * scale - mean) / std`` in float32, as a multiply into a new tensor and an in-place add.
+        ``x`` is never written; with nothing to scale, float32 ``x`` itself is returned."""
+        if self.scale == 1.0 and self.mean == 0.0 and self.std == 1.0:
+            return x.float()
+        return torch.mul(x.float(), self.scale / self.std).add_(-self.mean / self.std)
+
+    def batch(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized inputs and the targets of ``split`` ("train" or "val") at ``index``.
+
+        ``index_select``, not ``x[index]``: advanced indexing of uint8 rows is many times slower on CPU."""
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        return self.normalize(x.index_select(0, index)), y.index_select(0, index)
+
+    def to_shared(self) -> dict:
+        """Numpy arrays for ``ray.put``: every worker and trial on a node then reads one zero-copy copy."""
+        out = {k: getattr(self, k).numpy() for k in TENSORS}
+        return out | {"num_classes": self.num_classes, "scale": self.scale, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_shared(cls, shared: dict) -> TensorData:
+        with warnings.catch_warnings():  # the object store's arrays are read-only; we never write them
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = {k: torch.from_numpy(shared[k]) for k in TENSORS}
+        return cls(**tensors, **{k: v for k, v in shared.items() if k not in TENSORS})
+
+    def to(self, device: torch.device) -> TensorData:
+        """A copy on ``device``. On a GPU the inputs are normalized once there: fewer kernels per step."""
+        moved = {k: getattr(self, k).to(device) for k in TENSORS}
+        if torch.device(device).type != "cuda":
+            return TensorData(**moved, num_classes=self.num_classes, scale=self.scale, mean=self.mean, std=self.std)
+        for key in ("train_x", "val_x"):
+            moved[key] = self.normalize(moved[key])
+        return TensorData(**moved, num_classes=self.num_classes)

@@ -1,0 +1,1 @@
+"""Training: building components from a config, the per-rank loop, checkpoints, resume and the epoch table."""

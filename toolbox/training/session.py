@@ -1,0 +1,68 @@
+"""What the training loop knows of Ray: a ``Session`` of rank, device, report and checkpoint edges.
+
+A Ray Train worker gets ``train_session()``; a single-process Tune trial gets ``tune_session()``
+(Ray refuses ``ray.train.report`` there), so the same loop serves ``toolbox.run`` and sweeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Session:
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None)
+    latest_checkpoint: Callable[[], Any]  # a ray/tune Checkpoint or None
+    prepare_model: Callable[[nn.Module], nn.Module]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+def local_session(report: Callable[[dict, str | None], None], device: str = "cpu") -> Session:
+    """One process, no Ray: the loop reports to ``report(metrics, checkpoint_dir)``."""
+    device = torch.device(device)
+    return Session(0, 1, device, report, lambda: None, lambda model: model.to(device))
+
+
+def train_session() -> Session:
+    """Edges for a Ray Train worker (TorchTrainer): ray.train.report, DDP via prepare_model."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    return Session(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        latest_checkpoint=ray.train.get_checkpoint,
+        prepare_model=ray.train.torch.prepare_model,
+    )
+
+
+def tune_session(use_gpu: bool) -> Session:
+    """Edges for a loop that runs inside a Tune function trial's own process (no worker group)."""
+    from ray import tune
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    return Session(0, 1, device, report, tune.get_checkpoint, lambda model: model.to(device))

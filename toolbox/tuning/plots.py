@@ -1,0 +1,61 @@
+"""Sweep plots: the metric per epoch of every trial, and the LR schedule of the top trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolbox.training.builders import lr_schedule
+from toolbox.training.epochlog import read_rows
+from toolbox.tuning.sweepfile import Sweep
+
+
+def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
+    """plots/val_metric.png: the metric per epoch of every trial; plots/lr_schedule.png: the top trials' LR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, row in enumerate(rows):
+        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        if history and sweep.metric in history[0]:
+            ax.plot(
+                [h["epoch"] for h in history],
+                [h[sweep.metric] for h in history],
+                marker="o",
+                markersize=3,
+                alpha=1.0 if rank < top else 0.35,
+                lw=2 if rank < top else 1,
+                label=f"#{rank + 1} {row['trial_id']}" if rank < top else None,
+            )
+    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(plots / "val_metric.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    peak = 0.0
+    for rank, row in enumerate(rows[:top]):
+        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        config = row["config"]
+        steps = history[0].get("steps_per_epoch") if history else None
+        steps = steps or 100
+        lrs = lr_schedule(config, steps)
+        peak = max(peak, *lrs)
+        ax.plot([i / steps for i in range(len(lrs))], lrs, label=f"#{rank + 1} {config['optimizer']}/{config['scheduler']}")
+    if peak:
+        ax.set_ylim(bottom=peak / 1e4)  # annealing to ~0 would stretch a log axis to 1e-10
+    ax.set(
+        xlabel="epoch",
+        ylabel="learning rate",
+        yscale="log",
+        title=f"{sweep.name}: LR schedule of the top {min(top, len(rows))} trials",
+    )
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""Console progress of a sweep: one line per finished trial, and a status line at most every 30 s."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import tune
+
+from toolbox.tuning.sweepfile import Sweep
+
+log = logging.getLogger("toolbox")
+
+
+class Progress(tune.Callback):
+    """One console line per finished trial, and a status line at most every 30 s."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self.best: dict[str, float] = {}
+        self.epochs: dict[str, int] = {}
+        self.done = 0
+        self.started: dict[str, float] = {}
+        self.startup_s: dict[str, float] = {}  # Tune starting the trial -> its first training step
+        self.last_status = time.time()
+        self.interrupted = False
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.sweep.mode == "max" else a < b)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        first_step = result.get("first_step_time")
+        if first_step and trial.trial_id in self.started and trial.trial_id not in self.startup_s:
+            self.startup_s[trial.trial_id] = first_step - self.started[trial.trial_id]
+        value = result.get(self.sweep.metric)
+        if value is not None and self._better(value, self.best.get(trial.trial_id)):
+            self.best[trial.trial_id] = value
+        self.epochs[trial.trial_id] = result.get("epoch", 0)
+        if time.time() - self.last_status > 30:
+            self.last_status = time.time()
+            running = sum(t.status == "RUNNING" for t in trials)
+            overall = [v for v in self.best.values()]
+            top = (max if self.sweep.mode == "max" else min)(overall) if overall else float("nan")
+            log.info(
+                "... %d/%d trials finished, %d running, best %s so far %.4f",
+                self.done,
+                self.sweep.total_trials,
+                running,
+                self.sweep.metric,
+                top,
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, f"FAILED (see {trial.local_path}/error.txt)")
+
+    def _line(self, trial, what: str) -> None:
+        self.done += 1
+        config = self.sweep.trial_config(trial.config)
+        swept = ", ".join(f"{k}={_short(config[k])}" for k in self.sweep.space if k in config)
+        best = self.best.get(trial.trial_id)
+        log.info(
+            "[%d/%d] trial %s %s after %d epochs: best %s %s | %s",
+            self.done,
+            self.sweep.total_trials,
+            trial.trial_id,
+            what,
+            self.epochs.get(trial.trial_id, 0),
+            self.sweep.metric,
+            "-" if best is None else f"{best:.4f}",
+            swept,
+        )
+
+    def on_experiment_end(self, trials, **info):
+        self.interrupted = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,76 @@
+"""Tune pieces chosen by name in a sweep file: the search algorithm and the trial scheduler."""
+
+from __future__ import annotations
+
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from toolbox.tuning.sweepfile import Sweep
+
+
+def snapshot_after_every_change() -> None:
+    """Tune snapshots the sweep (experiment state, searcher and scheduler) after every controller
+    step; toolbox sets the period to 0 so that a killed driver loses no finished trial. Most steps
+    change nothing, and their identical snapshots cost the driver CPU that the trials need. This
+    skips a snapshot when no trial was added, changed status or reported since the last one;
+    forced snapshots still run."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    save = TuneController.checkpoint
+    if getattr(save, "toolbox_skips_unchanged", False):
+        return
+
+    def checkpoint(self, force: bool = False, wait: bool = False):
+        state = [(t.trial_id, t.status, t.last_result.get("training_iteration")) for t in self._trials]
+        forced = force or getattr(self._checkpoint_manager, "_should_force_sync_up", True)
+        if not forced and state == getattr(self, "_toolbox_snapshot_state", None):
+            return None
+        saved = save(self, force=force, wait=wait)
+        self._toolbox_snapshot_state = state  # only once saved: a failed snapshot is not skipped next time
+        return saved
+
+    checkpoint.toolbox_skips_unchanged = True
+    TuneController.checkpoint = checkpoint
+
+
+def search_algorithm(sweep: Sweep, max_concurrent: int):
+    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9)."""
+    seed = sweep.base.get("seed", 0)
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+
+
+def trial_scheduler(sweep: Sweep):
+    """Early stopping by name; ``scheduler_options`` in the sweep file go to the constructor."""
+    common = {"time_attr": "training_iteration"}  # one iteration = one epoch
+    options = dict(sweep.scheduler_options)
+    if sweep.trial_scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(**common, max_t=sweep.epochs, **{"grace_period": 1, "reduction_factor": 3} | options)
+    if sweep.trial_scheduler == "hyperband":
+        return tune.schedulers.HyperBandScheduler(**common, max_t=sweep.epochs, **{"reduction_factor": 3} | options)
+    if sweep.trial_scheduler == "median_stopping":
+        return tune.schedulers.MedianStoppingRule(**common, **{"grace_period": 1, "min_samples_required": 3} | options)
+    if sweep.trial_scheduler == "pbt":
+        mutations = {k: m for k, m in ((k, _mutation(v)) for k, v in sweep.space.items()) if m is not None}
+        return tune.schedulers.PopulationBasedTraining(
+            **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options
+        )
+    return tune.schedulers.FIFOScheduler()
+
+
+def _mutation(value):
+    """PBT perturbs numbers by factors: categorical values must go to it as lists (it shifts along them)."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(value, Categorical):
+        return list(value.categories)
+    if isinstance(value, dict):
+        if set(value) == {"grid_search"}:
+            return list(value["grid_search"])
+        nested = {k: _mutation(v) for k, v in value.items()}
+        return {k: v for k, v in nested.items() if v is not None} or None
+    return value if isinstance(value, Domain) else None
