@@ -79,7 +79,7 @@ BAD = {
         "metric 'val_top_3_accuracy' is never reported",
     ),
     "swept dataset key": ('from ray import tune\nspace = {"dummy_n_samples": tune.choice([64, 128])}', "cannot be swept"),
-    "unknown trial scheduler": ('space = {"lr": 0.1}\ntrial_scheduler = "ashaa"', "trial_scheduler 'ashaa' is not one of"),
+    "unknown trial scheduler": ('space = {"lr": 0.1}\ntrial_scheduler = "ashaa"', "trial_scheduler: 'ashaa' is not one of"),
 }
 
 
@@ -104,7 +104,7 @@ def test_import_error_names_the_file_and_line(tmp_path, capsys):
 
 def test_cli_override_is_checked_too(tmp_path):
     path = write(tmp_path, GOOD)
-    with pytest.raises(ConfigError, match="num_samples must be a positive integer"):
+    with pytest.raises(ConfigError, match="num_samples must be > 0, got 0"):
         load(path, {"num_samples": 0})
     with pytest.raises(ConfigError, match=r"--ff-dropout must be >= 0 and < 1, got 1.5"):
         load(path, base_overrides={"ff_dropout": 1.5})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -12,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolbox.config.flags import Parser, add_config_flags, exit_with, given_config
-from toolbox.config.registry import ConfigError
-from toolbox.config.resolve import resolve
+from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
+from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
+from toolbox.config.resolve import coerce, resolve
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
+from toolbox.distributed.locations import DirLock, check_address, local_dir
 from toolbox.distributed.trainer import Workers, torch_trainer
 from toolbox.training.builders import build_dataset, check_against_data, check_components
-from toolbox.training.checkpoint import find_checkpoint, load_state
-from toolbox.training.epochlog import LOG_FILE, EpochLog
+from toolbox.training.checkpoint import STATE_FILE, load_latest
+from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
 
 log = logging.getLogger("toolbox")
 
@@ -34,6 +36,8 @@ checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir
 
 RESOURCES_FILE = "resources.json"
 RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
+# The value rules of the Ray flags (the training flags' rules are their components' signatures).
+RAY_FLAG_RULES = {"workers": PositiveInt, "cpus_per_worker": PositiveFloat, "max_failures": NonNegativeInt}
 
 
 def build_parser() -> Parser:
@@ -49,9 +53,15 @@ def build_parser() -> Parser:
     ray_flags.add_argument("--workers", type=int, help="DDP workers (default: 1)")
     ray_flags.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, help="one GPU per worker")
     ray_flags.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 1)")
+    ray_flags.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="worker-group restarts from the latest checkpoint after a worker dies (default: 3)",
+    )
     ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
     ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
-    ray_flags.add_argument("--address", help="an existing Ray cluster (default: start a private local one)")
+    ray_flags.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
     ray_flags.add_argument("--resume", metavar="PATH", help="a checkpoint dir, or a run dir (its latest checkpoint)")
     ray_flags.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     return parser
@@ -66,22 +76,33 @@ class Plan:
     data: TensorData
     run_dir: Path
     resume_from: str | None
+    state: dict | None  # the checkpoint resumed from
+
+
+def _saved_resources(run_dir: Path) -> dict:
+    try:
+        saved = json.loads((run_dir / RESOURCES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def prepare(argv: list[str] | None) -> Plan:
     """Parse and check everything, load the data: all the ways to fail happen here, before Ray."""
     args = build_parser().parse_args(argv)
-    args.name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir = Path(args.storage).expanduser().resolve() / args.name
-    saved = json.loads((run_dir / RESOURCES_FILE).read_text()) if (run_dir / RESOURCES_FILE).is_file() else {}
+    args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
+    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    run_dir = local_dir(args.storage, args.name)
+    saved = _saved_resources(run_dir)
     for key, default in RESOURCE_DEFAULTS.items():  # a re-run keeps its workers unless told otherwise
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
-    resume_path = args.resume or (str(run_dir) if run_dir.is_dir() and any(run_dir.rglob("state.pt")) else None)
-    state = None
-    if resume_path:
-        resume_path = str(find_checkpoint(resume_path))
-        state = load_state(resume_path)
+    for key, rule in RAY_FLAG_RULES.items():
+        setattr(args, key, coerce(key, rule, getattr(args, key)))
+    resume_path, state = None, None
+    if args.resume or (run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))):
+        resume_path, state = load_latest(args.resume or run_dir)
+        resume_path = str(resume_path)
     config = resolve(given_config(args), base=state["config"] if state else None)
     data = build_dataset(config)
     model = check_components(config, data.spec)
@@ -92,9 +113,11 @@ def prepare(argv: list[str] | None) -> Plan:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
     check_against_data(config, model, data)
-    if not args.address:
+    if args.address:
+        check_address(args.address)
+    else:
         cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
-    return Plan(config, args, data, run_dir, resume_path)
+    return Plan(config, args, data, run_dir, resume_path, state)
 
 
 def follow(path: Path, stop: threading.Event) -> None:
@@ -119,20 +142,22 @@ def fit(plan: Plan):
 
     args, config = plan.args, plan.config
     url = cluster.start(args.address, verbose=args.verbose)
+    if url:
+        log.info("Ray dashboard: %s", url)
     if args.address:
         resources = ray.cluster_resources()
         cluster.check_capacity(
             args.workers, args.cpus_per_worker, args.use_gpu, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0)
         )
-    epoch_log = EpochLog(plan.run_dir)
+    epoch_log = EpochLog(plan.run_dir, config["epochs"])
     epoch_log.log(f"config {json.dumps(config)}")
-    (plan.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    replace_file(plan.run_dir / "config.json", json.dumps(config, indent=2).encode())
     resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
-    (plan.run_dir / RESOURCES_FILE).write_text(json.dumps(resources))
-    if url:
-        log.info("Ray dashboard: %s", url)
-    if plan.resume_from:
-        log.info("resuming from %s", plan.resume_from)
+    replace_file(plan.run_dir / RESOURCES_FILE, json.dumps(resources).encode())
+    if plan.state is not None:
+        log.info("resuming from epoch %d: %s", plan.state["epoch"], plan.resume_from)
+        if plan.resume_from.startswith(str(plan.run_dir) + os.sep):  # its own rows, from the checkpoint it continues
+            epoch_log.backfill(plan.state.get("history", []))
     trainer = torch_trainer(
         config,
         ray.put(plan.data.to_shared()),
@@ -141,6 +166,7 @@ def fit(plan: Plan):
         storage=plan.run_dir.parent,
         epoch_log_dir=plan.run_dir,
         resume_from=plan.resume_from,
+        max_failures=args.max_failures,
     )
     stop = threading.Event()
     echo = threading.Thread(target=follow, args=(plan.run_dir / LOG_FILE, stop), daemon=True)
@@ -168,28 +194,37 @@ def main(argv: list[str] | None = None) -> int:
         plan.args.workers,
         plan.run_dir,
     )
+    lock = None
     try:
+        lock = DirLock(plan.run_dir, "run")
         result = fit(plan)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"toolbox.run: interrupted: {_kept(plan.run_dir)}; re-run the same command to continue", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        print(
-            f"toolbox.run: training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]} "
-            "(re-run with --verbose for Ray's logs)",
-            file=sys.stderr,
-        )
+        print(f"toolbox.run: training failed: {describe_failure(exc)}; {_kept(plan.run_dir)}", file=sys.stderr)
         return 1
     finally:
         import ray
 
         ray.shutdown()
+        if lock is not None:
+            lock.release()
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
     if best:
         log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)
     if result.checkpoint:
         log.info("latest checkpoint: %s", result.checkpoint.path)
     return 0
+
+
+def _kept(run_dir: Path) -> str:
+    """What an ended run keeps, for its last line."""
+    epochs = [r["epoch"] for r in read_rows(run_dir)]
+    return f"{run_dir} keeps epochs 1-{max(epochs)} and their latest checkpoint" if epochs else f"{run_dir} has no finished epoch"
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from toolbox.config.flags import Parser, add_config_flags, exit_with, given_config
+from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import cluster
+from toolbox.distributed.locations import LOCK_FILE, DirLock, check_address, local_dir
 from toolbox.distributed.storage import filesystem_for
 from toolbox.training.builders import build_dataset, check_against_data, check_components
 from toolbox.tuning import results
@@ -51,6 +52,9 @@ def build_parser() -> Parser:
     fields.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
     fields.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
     fields.add_argument(
+        "--max-failures", type=int, help="retries of a trial whose process dies, from its checkpoint (default: 2)"
+    )
+    fields.add_argument(
         "--in-process",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -59,7 +63,7 @@ def build_parser() -> Parser:
     runtime = parser.add_argument_group("ray")
     runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
     runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
-    runtime.add_argument("--address", help="an existing Ray cluster (default: start a private local one)")
+    runtime.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
     runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
     runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
     runtime.add_argument("--verbose", action="store_true", help="show Ray's own logs")
@@ -69,6 +73,7 @@ def build_parser() -> Parser:
 
 def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     args = build_parser().parse_args(argv)
+    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
     overrides = {name: getattr(args, name, None) for name in FIELDS if name not in ("space", "base", "scheduler_options")}
     base_overrides = given_config(args)
     for own in ("epochs", "seed"):  # the sweep's own flags (None when not given), not base keys
@@ -76,6 +81,11 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.seed is not None:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
+    args.exp_dir = local_dir(args.storage, sweep.name)
+    if args.restart and args.exp_dir.exists() and not _is_sweep_dir(args.exp_dir):
+        raise ConfigError(f"--restart: {args.exp_dir} holds no sweep (no Tune experiment state), so it is not deleted")
+    if args.address:
+        check_address(args.address)
     if not sweep.trials_in_process and not args.address and not cluster.dashboard_available():
         raise ConfigError(
             "trials with a TorchTrainer need Ray's dashboard, which is not installed (pip install 'ray[default]'): "
@@ -89,6 +99,17 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
             gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial,
         )
     return sweep, args
+
+
+def _is_sweep_dir(directory: Path) -> bool:
+    return any(directory.glob("experiment_state-*.json")) or (directory / "results.parquet").is_file()
+
+
+def _empty(directory: Path, keep: str) -> None:
+    """Delete what ``directory`` holds, but ``keep``."""
+    for entry in directory.iterdir():
+        if entry.name != keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
@@ -139,7 +160,7 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
             verbose=0,
             callbacks=[progress],
             checkpoint_config=trial_checkpoints(sweep),
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         ),
     )
 
@@ -155,10 +176,11 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     data = build_dataset(config)
     check_trials(sweep, data.spec, args.sweep_file)
     check_against_data(config, check_components(config, data.spec), data)
-    exp_dir = Path(args.storage).expanduser().resolve() / sweep.name
-    if args.restart and exp_dir.exists():
-        log.info("--restart: removing %s", exp_dir)
-        shutil.rmtree(exp_dir)
+    exp_dir = args.exp_dir
+    args.lock = DirLock(exp_dir, "sweep")
+    if args.restart:
+        log.info("--restart: removing what %s holds", exp_dir)
+        _empty(exp_dir, keep=LOCK_FILE)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
     snapshot_after_every_change()
@@ -188,15 +210,13 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         exp_dir,
     )
     tuner = make_tuner(sweep, trainable, exp_dir, cpus, gpus, progress)
-    interrupted = False
     fit_started = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
-        interrupted = True
         grid = tune.Tuner.restore(str(exp_dir), trainable, storage_filesystem=filesystem_for(exp_dir)).get_results()
     fit_s = time.time() - fit_started
-    rows = results.trial_rows(grid, sweep, progress.startup_s)
+    rows = results.trial_rows(grid, sweep, progress.startup_s, progress.states())
     print(results.format_table(rows, sweep), flush=True)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
@@ -218,9 +238,23 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
-    if interrupted or progress.interrupted:
-        log.info("interrupted: re-run the same command to continue the sweep")
+    unfinished = [r for r in rows if r["status"] == "interrupted"]
+    if unfinished or len(rows) < sweep.total_trials:
+        finished = sum(r["status"] in ("done", "stopped") for r in rows)
+        print(
+            f"toolbox.sweep: interrupted: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
+            "re-run the same command to continue",
+            file=sys.stderr,
+        )
         return 130
+    errored = [r for r in rows if r["status"] == "error"]
+    if errored:
+        print(
+            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored after {sweep.max_failures} retries each "
+            f"(their error.txt is in {exp_dir}/<trial>/); the results hold the others",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -232,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"toolbox.sweep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("toolbox.sweep: interrupted before the sweep started; nothing to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
+        print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
+        return 1
     finally:
         if "ray" in sys.modules:
             sys.modules["ray"].shutdown()

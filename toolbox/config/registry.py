@@ -98,6 +98,9 @@ class Component:
 def nearest(name: str, choices: list[str]) -> str:
     """' (did you mean X?)' for a near miss, else ''."""
     lowered = {c.lower(): c for c in choices}
+    prefixed = [c for c in lowered if c.startswith(name.lower())] if name else []
+    if len(prefixed) == 1:  # "grace" -> "grace_period", before any closer spelling
+        return f" (did you mean {lowered[prefixed[0]]!r}?)"
     match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
 

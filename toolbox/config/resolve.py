@@ -85,19 +85,26 @@ def optional_of(annotation: Any) -> Any | None:
     return None
 
 
-def coerce(key: str, annotation: Any, value: Any) -> Any:
-    """Check ``value`` against a type hint and its rules; return it in canonical form (tuples, ints, floats)."""
+def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> Any:
+    """Check ``value`` against a type hint and its rules; return it in canonical form (tuples, ints, floats).
+
+    Errors name ``label`` (default: the key's flag, ``--weight-decay``)."""
+    label = label or flag(key)
     inner = optional_of(annotation)
     if inner is not None:
-        return None if value is None else coerce(key, inner, value)
+        return None if value is None else coerce(key, inner, value, label)
+    bad = ConfigError(f"{label}: expected {type_name(annotation)}, got {value!r}"[:300])
     annotation, rules = unwrap(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    bad = ConfigError(f"{flag(key)}: expected {type_name(annotation)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(
-                f"{flag(key)}: {value!r} is not one of {', '.join(map(str, args))}{nearest(str(value), list(map(str, args)))}"
+                f"{label}: {value!r} is not one of {', '.join(map(str, args))}{nearest(str(value), list(map(str, args)))}"
             )
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
         return value
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -106,7 +113,7 @@ def coerce(key: str, annotation: Any, value: Any) -> Any:
         item_types = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         if len(item_types) != len(value) or (args[-1] is Ellipsis and not value):
             raise bad
-        return tuple(coerce(key, t, v) for t, v in zip(item_types, value))
+        return tuple(coerce(key, t, v, label) for t, v in zip(item_types, value))
     if annotation is bool:
         if not isinstance(value, bool):
             raise bad
@@ -115,13 +122,13 @@ def coerce(key: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         if not math.isfinite(value):
-            raise ConfigError(f"{flag(key)} must be a finite number, got {value}")
-        if annotation is int and int(value) != value:
+            raise ConfigError(f"{label} must be a finite number, got {value}")
+        if annotation is int and (int(value) != value or abs(value) >= 2**63):
             raise bad
         value = annotation(value)
         for rule in rules:
             if not rule.holds(value):
-                raise ConfigError(f"{flag(key)} must be {rule}, got {value:g}")
+                raise ConfigError(f"{label} must be {rule}, got {value:g}")
         return value
     if annotation is str:
         if not isinstance(value, str):
@@ -138,6 +145,8 @@ def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         return f"a list of {type_name(args[0])}" if args[-1] is Ellipsis else f"{len(args)} values"
+    if typing.get_origin(annotation) is dict:
+        return "a dict"
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation)
     name = name or getattr(annotation, "__name__", str(annotation))
     return " ".join([name, *map(str, rules)])

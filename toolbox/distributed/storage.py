@@ -13,6 +13,7 @@ state files are therefore published only when they parse; otherwise the previous
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import json
@@ -53,22 +54,44 @@ def _whole(path: str, data_path: str) -> bool:
 
 
 class _RenamedOnClose(io.FileIO):
-    """A file written at a hidden temporary path, renamed to ``path`` when closed."""
+    """A file written at a hidden temporary path, renamed to ``path`` when closed whole.
+
+    A failed write or flush (a full disk, a read-only remount) removes the temporary file and
+    raises: the file at ``path``, if any, is never replaced by a partial one."""
 
     def __init__(self, path: str):
         directory, name = os.path.split(path)
         self._final = path
         self._temporary = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        self._failed = False
         super().__init__(self._temporary, "w")
+
+    def write(self, data) -> int:
+        try:
+            written = super().write(data)
+        except OSError:
+            self._failed = True
+            raise
+        if written is not None and written < len(memoryview(data)):  # a short write: the disk is full
+            self._failed = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._final)
+        return written
 
     def close(self) -> None:
         if self.closed:
             return
-        super().close()
-        if _whole(self._final, self._temporary):
-            os.replace(self._temporary, self._final)  # atomic on POSIX
-        else:
-            os.remove(self._temporary)
+        try:
+            if not self._failed:
+                os.fsync(self.fileno())
+        except OSError:
+            self._failed = True
+            raise
+        finally:
+            super().close()
+            if self._failed or not _whole(self._final, self._temporary):
+                os.remove(self._temporary)
+            else:
+                os.replace(self._temporary, self._final)  # atomic on POSIX
 
 
 class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):

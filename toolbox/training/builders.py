@@ -21,7 +21,17 @@ from toolbox.data.tensors import DataSpec, TensorData
 
 
 def build_dataset(config: dict) -> TensorData:
-    return DATASETS[config["dataset"]].build(config["seed"], config=config)
+    """The config's dataset; torch's and numpy's refusals of its values become one ConfigError."""
+    try:
+        return DATASETS[config["dataset"]].build(config["seed"], config=config)
+    except (ValueError, TypeError, ArithmeticError, RuntimeError, MemoryError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"dataset {config['dataset']}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def build_model(config: dict, spec: DataSpec) -> nn.Module:
@@ -91,9 +101,9 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
             build(metric, spec.num_classes)
     except ConfigError:
         raise
-    except (ValueError, TypeError, ArithmeticError, RuntimeError) as exc:  # torch's own checks of the values
+    except (ValueError, TypeError, ArithmeticError, RuntimeError, MemoryError) as exc:  # torch's own checks of the values
         chosen = ", ".join(f"{r.selector}={config[r.selector]}" for r in KINDS)
-        raise ConfigError(f"{chosen}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ConfigError(f"{chosen}: {type(exc).__name__}: {_first_line(exc)}") from None
     return model
 
 

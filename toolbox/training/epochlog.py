@@ -1,9 +1,19 @@
-"""Per-run outputs written as epochs finish: training.log, epochs.csv and epochs.parquet."""
+"""Per-run outputs written as epochs finish: training.log, epochs.csv and epochs.parquet.
+
+Each epoch appears once: a retried epoch (a worker or trial restarted from the checkpoint
+before it) replaces its row and is not logged again; the tables are replaced whole, never
+half-written. A checkpoint carries the rows up to its epoch, so a run continued from it gets
+back any row its table lost.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import os
+import re
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +22,9 @@ import pyarrow.parquet as pq
 LOG_FILE, CSV_FILE, PARQUET_FILE = "training.log", "epochs.csv", "epochs.parquet"
 # Reported keys that are bookkeeping rather than epoch-table columns.
 HIDDEN = ("first_step_time", "checkpoint_path")
+_LOGGED_EPOCH = re.compile(r"^\S+ \S+ epoch (\d+)(?:/\d+)?  lr ", re.MULTILINE)
+
+log = logging.getLogger(__name__)
 
 
 def format_row(row: dict, epochs: int | None = None) -> str:
@@ -27,6 +40,24 @@ def format_row(row: dict, epochs: int | None = None) -> str:
     return "  ".join(parts)
 
 
+def table_row(metrics: dict) -> dict:
+    """The epoch-table columns of a reported row."""
+    return {k: v for k, v in metrics.items() if k not in HIDDEN and isinstance(v, (int, float))}
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 class EpochLog:
     """Appends one row per epoch to the run dir's log, CSV and Parquet files."""
 
@@ -35,26 +66,73 @@ class EpochLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.epochs = epochs
         self.rows = read_rows(self.run_dir)  # a resumed run appends to what is there
+        path = self.run_dir / LOG_FILE
+        self.logged = {int(e) for e in _LOGGED_EPOCH.findall(path.read_text(errors="replace"))} if path.exists() else set()
 
     def log(self, message: str) -> None:
         with open(self.run_dir / LOG_FILE, "a") as f:
             f.write(f"{logging.Formatter().formatTime(logging.makeLogRecord({}))} {message}\n")
 
     def append(self, metrics: dict) -> str:
-        row = {k: v for k, v in metrics.items() if k not in HIDDEN and isinstance(v, (int, float))}
+        row = table_row(metrics)
         line = format_row(row, self.epochs)
         if row in self.rows:  # a finished run re-reporting its last epoch: nothing new to write
             return line
-        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]  # a retried epoch replaces
-        self.log(line)
-        with open(self.run_dir / CSV_FILE, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            writer.writeheader()
-            writer.writerows({k: r.get(k) for k in row} for r in self.rows)
-        pq.write_table(pa.Table.from_pylist(self.rows), self.run_dir / PARQUET_FILE)
+        if row["epoch"] not in self.logged:
+            self.log(line)
+            self.logged.add(row["epoch"])
+        self._write([r for r in self.rows if r["epoch"] < row["epoch"]] + [row])
         return line
+
+    def backfill(self, history: list[dict]) -> None:
+        """Add the rows of a checkpoint's history that the table lacks (a run killed between the two writes)."""
+        have = {r["epoch"] for r in self.rows}
+        missing = [table_row(r) for r in history if r["epoch"] not in have]
+        for row in missing:
+            if row["epoch"] not in self.logged:
+                self.log(format_row(row, self.epochs))
+                self.logged.add(row["epoch"])
+        if missing:
+            self._write(sorted(self.rows + missing, key=lambda r: r["epoch"]))
+
+    def restart(self, epoch: int, note: str) -> None:
+        """Continue from another trajectory's checkpoint at ``epoch`` (PBT's exploit): later rows go, and are logged anew."""
+        self.log(note)
+        self.logged = {e for e in self.logged if e <= epoch}
+        if any(r["epoch"] > epoch for r in self.rows):
+            self._write([r for r in self.rows if r["epoch"] <= epoch])
+
+    def _write(self, rows: list[dict]) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in columns} for r in rows)
+        parquet = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), parquet)
+        replace_file(self.run_dir / PARQUET_FILE, parquet.getvalue().to_pybytes())
+        replace_file(self.run_dir / CSV_FILE, text.getvalue().encode())
+        self.rows = rows
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
+    """The epoch table; a damaged Parquet file falls back to the CSV beside it, then to nothing."""
     path = Path(run_dir) / PARQUET_FILE
-    return pq.read_table(path).to_pylist() if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("%s is damaged (%s); reading %s instead", path, exc, CSV_FILE)
+    try:
+        with open(Path(run_dir) / CSV_FILE, newline="") as f:
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, ValueError):
+        return []
+
+
+def _number(text: str) -> int | float | None:
+    if text == "":
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value

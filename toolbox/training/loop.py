@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -9,6 +10,7 @@ import time
 import torch
 from torch import nn
 
+from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
 from toolbox.training.checkpoint import load_state, save_state
@@ -16,15 +18,24 @@ from toolbox.training.resume import restore_optimization
 from toolbox.training.session import Session
 
 EVAL_BATCH = 2048
+log = logging.getLogger("toolbox")
 
 
 def _restore_state(session: Session, resume_from: str | None) -> dict | None:
-    """Ray's own latest checkpoint (a retried or re-run run) wins over --resume."""
+    """The later of Ray's latest checkpoint (a retried run) and ``resume_from``; Ray's on a tie.
+
+    A damaged checkpoint of Ray's is passed over: the caller's is one it has read whole."""
+    states = []
     checkpoint = session.latest_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            return load_state(directory)
-    return load_state(resume_from) if resume_from else None
+            try:
+                states.append(load_state(directory))
+            except ConfigError as exc:
+                log.warning("skipping Ray's latest checkpoint: %s", exc)
+    if resume_from:
+        states.append(load_state(resume_from))
+    return max(states, key=lambda state: state["epoch"], default=None)
 
 
 def _rng_states(session: Session) -> dict:
@@ -57,7 +68,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
     per_rank = len(data.train_y) // session.world_size  # equal shards keep DDP ranks in step
     steps_per_epoch = math.ceil(per_rank / config["batch_size"])
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
-    start_epoch, global_step, best_val_loss = 0, 0, math.inf
+    start_epoch, global_step, best_val_loss, history = 0, 0, math.inf, []
     torch.manual_seed(config["seed"] + 1 + session.rank)  # dropout differs per rank
     if state is not None:
         restore_optimization(state, config, optimizer, scheduler, interval, steps_per_epoch)
@@ -65,6 +76,8 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
         if session.rank < len(per_rank_rng):
             torch.set_rng_state(per_rank_rng[session.rank])
         start_epoch, global_step, best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
+        history = list(state.get("history", []))
+        session.restored(state)
     if state is not None and start_epoch >= config["epochs"]:
         session.report(state["row"], None)  # already done (a re-run finished run or trial): say so again
         return
@@ -122,7 +135,9 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
             "val_loss": val["val_loss"],
             "config": config,
             "row": row,
+            "history": history + [row],
         }
+        history = state["history"]
         _report(session, row, state)
 
 

@@ -22,6 +22,7 @@ class Session:
     report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None)
     latest_checkpoint: Callable[[], Any]  # a ray/tune Checkpoint or None
     prepare_model: Callable[[nn.Module], nn.Module]
+    restored: Callable[[dict], None] = lambda state: None  # told of the checkpoint state training continues from
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

@@ -23,10 +23,17 @@ class Progress(tune.Callback):
         self.started: dict[str, float] = {}
         self.startup_s: dict[str, float] = {}  # Tune starting the trial -> its first training step
         self.last_status = time.time()
-        self.interrupted = False
+        self.trials: list = []  # Tune's trials, as of the last callback
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.sweep.mode == "max" else a < b)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.trials = trials
+
+    def states(self) -> dict[str, tuple[str, int]]:
+        """Each trial's Tune status and how often its process died and it was retried."""
+        return {t.trial_id: (t.status, t.num_failures) for t in self.trials}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
@@ -57,7 +64,10 @@ class Progress(tune.Callback):
         self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, f"FAILED (see {trial.local_path}/error.txt)")
+        self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.local_path}/error.txt)")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.info("trial %s died (%d so far); retrying it from its latest checkpoint", trial.trial_id, trial.num_failures)
 
     def _line(self, trial, what: str) -> None:
         self.done += 1
@@ -75,9 +85,6 @@ class Progress(tune.Callback):
             "-" if best is None else f"{best:.4f}",
             swept,
         )
-
-    def on_experiment_end(self, trials, **info):
-        self.interrupted = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
 
 
 def _short(value) -> str:

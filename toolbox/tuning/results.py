@@ -21,8 +21,13 @@ from toolbox.tuning.sweepfile import Sweep
 log = logging.getLogger("toolbox")
 
 
-def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """One row per trial, best first: its swept values, best metric, epochs run, time, checkpoint."""
+def trial_rows(
+    result_grid, sweep: Sweep, startup_s: dict[str, float] | None = None, states: dict[str, tuple[str, int]] | None = None
+) -> list[dict[str, Any]]:
+    """One row per trial, best first: its swept values, best metric, epochs run, retries, time, checkpoint.
+
+    ``states`` is each trial's Tune status and failure count; a trial still running or pending
+    when the sweep ended is "interrupted"."""
     better = max if sweep.mode == "max" else min
     rows = []
     for result in result_grid:
@@ -33,10 +38,18 @@ def trial_rows(result_grid, sweep: Sweep, startup_s: dict[str, float] | None = N
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
         match = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
+        status, failures = (states or {}).get(trial_id, ("TERMINATED", 0))
+        if result.error or status == "ERROR":
+            outcome = "error"
+        elif status in ("RUNNING", "PENDING", "PAUSED"):
+            outcome = "interrupted"
+        else:
+            outcome = "done" if epochs >= sweep.epochs else "stopped"
         rows.append(
             {
                 "trial_id": trial_id,
-                "status": "error" if result.error else ("done" if epochs >= sweep.epochs else "stopped"),
+                "status": outcome,
+                "retries": failures - 1 if outcome == "error" else failures,
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
                 **{key: _plain(config.get(key)) for key in swept_keys(sweep)},
                 sweep.metric: better(values) if values else math.nan,
@@ -127,7 +140,7 @@ def retrain_command(config: dict, name: str) -> str:
 def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
     """The ranked table printed at the end of a sweep."""
     swept = swept_keys(sweep)
-    header = ["rank", "trial", *swept, sweep.metric, "epochs", "time_s", "status"]
+    header = ["rank", "trial", *swept, sweep.metric, "epochs", "retries", "time_s", "status"]
     lines = [
         [
             str(i + 1),
@@ -135,6 +148,7 @@ def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
             *(_cell(r.get(k)) for k in swept),
             _cell(r[sweep.metric]),
             str(r["epochs"]),
+            str(r["retries"]),
             f"{r['time_s']:.0f}",
             r["status"],
         ]

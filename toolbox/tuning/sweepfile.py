@@ -23,36 +23,69 @@ import importlib.util
 import itertools
 import math
 import traceback
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from toolbox.components.datasets import DATASETS
-from toolbox.config.registry import ConfigError, nearest
-from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, flag, resolve
+from toolbox.config.registry import (
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    UnitInterval,
+    nearest,
+)
+from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, coerce, flag, resolve
 from toolbox.data.tensors import DataSpec
+from toolbox.distributed.locations import check_name
 
-TRIAL_SCHEDULERS = ("asha", "fifo", "hyperband", "median_stopping", "pbt")
-SEARCHES = ("random", "optuna")
 DEFAULTS = {o.key: o.default for o in TRAINING_OPTIONS}
+ReductionFactor = Annotated[float, Range(gt=1)]
+
+# The value rules of each trial scheduler's options (``scheduler_options``), passed to its constructor.
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "asha": {"grace_period": PositiveInt, "reduction_factor": ReductionFactor, "brackets": PositiveInt},
+    "hyperband": {"reduction_factor": ReductionFactor, "stop_last_trials": bool},
+    "median_stopping": {
+        "grace_period": NonNegativeFloat,
+        "min_samples_required": PositiveInt,
+        "min_time_slice": NonNegativeFloat,
+        "hard_stop": bool,
+    },
+    "pbt": {
+        "perturbation_interval": PositiveFloat,
+        "burn_in_period": NonNegativeFloat,
+        "quantile_fraction": Annotated[float, Range(gt=0, le=0.5)],
+        "resample_probability": UnitInterval,
+        "perturbation_factors": tuple[PositiveFloat, PositiveFloat],
+    },
+    "fifo": {},
+}
 
 
 @dataclass
 class Sweep:
+    """A sweep file's fields; each annotation is that field's value rule."""
+
     space: dict[str, Any]
     name: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     metric: str = "val_top_1_accuracy"
-    mode: str = "max"
-    num_samples: int = 16
-    epochs: int = 10
-    trial_scheduler: str = "asha"
+    mode: Literal["min", "max"] = "max"
+    num_samples: PositiveInt = 16
+    epochs: PositiveInt = 10
+    trial_scheduler: Literal["asha", "fifo", "hyperband", "median_stopping", "pbt"] = "asha"
     scheduler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"grace_period": 2}
-    search: str = "random"
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0  # 0: as many as the resources allow
+    search: Literal["random", "optuna"] = "random"
+    workers_per_trial: PositiveInt = 1
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_trial: NonNegativeFloat = 0.0
+    max_concurrent: NonNegativeInt = 0  # 0: as many as the resources allow
+    max_failures: NonNegativeInt = 2  # retries of a trial whose process dies, each from its own checkpoint
     # One-worker trials run the loop in the trial's own process, with no worker group to start.
     # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
@@ -72,6 +105,7 @@ class Sweep:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
+FIELD_RULES = typing.get_type_hints(Sweep, include_extras=True)
 
 
 def owner(key: str):
@@ -106,7 +140,10 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
         raise ConfigError(f"{path}: no `space` defined (a dict of run keys to Tune domains)")
     values.setdefault("name", path.stem)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for name, value in values.items():
+        values[name] = coerce(name, FIELD_RULES[name], value, label=f"{path}: {name}")
     values["base"] = {**values.get("base", {}), **(base_overrides or {})}
+    values["name"] = check_name(values["name"], f"{path}: name")
     sweep = Sweep(**values)
     check(sweep, str(path))
     return sweep
@@ -142,6 +179,7 @@ def check(sweep: Sweep, where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}{nearest(key, list(keys))}")
     for key, value in sweep.space.items():
         registry = owner(key)
+        _check_domain(value, f"{where}: space[{key!r}]")
         if isinstance(value, dict) and not _is_grid(value):
             takers = registry.owners(key) if registry else []
             for component in value:
@@ -189,18 +227,38 @@ def _in_trial(where: str, params: dict[str, Any]):
         raise ConfigError(f"{where}: {exc} (in a trial with {_short(params)})") from None
 
 
+def _check_domain(value: Any, where: str) -> None:
+    """A space entry Tune can sample from: a non-empty choice or grid, an ordered range, or a plain value."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    if _is_grid(value) and (not isinstance(value["grid_search"], (list, tuple)) or not value["grid_search"]):
+        raise ConfigError(f"{where}: tune.grid_search needs a non-empty list, got {value['grid_search']!r}")
+    if isinstance(value, Categorical) and not value.categories:
+        raise ConfigError(f"{where}: tune.choice([]) has no values to choose from")
+    if isinstance(value, (Float, Integer)):
+        low, high = value.lower, value.upper
+        if not (math.isfinite(low) and math.isfinite(high)) or (high <= low if isinstance(value, Integer) else high < low):
+            raise ConfigError(f"{where}: the range [{low}, {high}) is empty or not finite")
+    if isinstance(value, dict) and not _is_grid(value):
+        for component, sub in value.items():
+            _check_domain(sub, f"{where}[{component!r}]")
+
+
 def _check_fields(sweep: Sweep, where: str) -> None:
-    for name in ("num_samples", "epochs", "workers_per_trial"):
-        if not isinstance(getattr(sweep, name), int) or getattr(sweep, name) <= 0:
-            raise ConfigError(f"{where}: {name} must be a positive integer, got {getattr(sweep, name)!r}")
-    if sweep.mode not in ("min", "max"):
-        raise ConfigError(f"{where}: mode must be 'min' or 'max', got {sweep.mode!r}")
-    for name, choices in (("trial_scheduler", TRIAL_SCHEDULERS), ("search", SEARCHES)):
-        value = getattr(sweep, name)
-        if value not in choices:
-            raise ConfigError(f"{where}: {name} {value!r} is not one of {', '.join(choices)}{nearest(str(value), list(choices))}")
-    if sweep.cpus_per_worker <= 0 or sweep.gpus_per_trial < 0 or sweep.max_concurrent < 0:
-        raise ConfigError(f"{where}: cpus_per_worker must be > 0, gpus_per_trial and max_concurrent >= 0")
+    rules = SCHEDULER_OPTIONS[sweep.trial_scheduler]
+    for option, value in sweep.scheduler_options.items():
+        if option not in rules:
+            known = ", ".join(rules) or "none"
+            raise ConfigError(
+                f"{where}: scheduler_options: {sweep.trial_scheduler} takes no option {option!r}{nearest(option, list(rules))}; "
+                f"it takes: {known}"
+            )
+        sweep.scheduler_options[option] = coerce(option, rules[option], value, label=f"{where}: scheduler_options[{option!r}]")
+    grace = sweep.scheduler_options.get("grace_period", 1)
+    if sweep.trial_scheduler == "asha" and grace > sweep.epochs:
+        raise ConfigError(
+            f"{where}: scheduler_options['grace_period'] {grace} is more than the {sweep.epochs} epochs a trial runs"
+        )
     if sweep.trial_scheduler == "pbt" and not sweep.trials_in_process:
         raise ConfigError(f"{where}: pbt needs in-process trials (workers_per_trial = 1): it swaps trial checkpoints")
     if sweep.search == "optuna":

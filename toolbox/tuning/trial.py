@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
+from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
@@ -33,12 +35,22 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp_dir: str)
     epoch_log = EpochLog(trial_dir, config["epochs"])
     epoch_log.log(f"trial started: {config}")
     if sweep.trials_in_process:
-        _train_in_process(config, sweep, data[0], epoch_log)
+        _train_in_process(config, sweep, data[0], epoch_log, trial_dir)
     else:
         _train_with_workers(config, sweep, data[0], trial_dir)
 
 
-def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog) -> None:
+def _own_latest(trial_dir: Path) -> str | None:
+    """The trial's own newest whole checkpoint: it may be newer than the one Tune registered before a crash."""
+    if not any(trial_dir.rglob(STATE_FILE)):
+        return None
+    try:
+        return str(load_latest(trial_dir)[0])
+    except ConfigError:
+        return None
+
+
+def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial_dir: Path) -> None:
     import ray
 
     from toolbox.training.loop import train
@@ -46,14 +58,22 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog)
 
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session = tune_session(use_gpu=sweep.gpus_per_trial > 0)
+    checkpoint = session.latest_checkpoint()
+    exploited = checkpoint is not None and trial_dir.name not in Path(checkpoint.path).parts  # PBT gave another trial's
     report = session.report
 
     def report_and_log(metrics: dict, checkpoint_dir: str | None) -> None:
-        epoch_log.append(metrics)
+        epoch_log.append(metrics)  # first: Tune may stop the trial inside report
         report(metrics, checkpoint_dir)
 
-    session.report = report_and_log
-    train(config, TensorData.from_shared(ray.get(data_ref)), session)
+    def restored(state: dict) -> None:
+        if exploited:
+            epoch_log.restart(state["epoch"], f"continuing from epoch {state['epoch']} of {checkpoint.path} (exploited)")
+        else:
+            epoch_log.backfill(state.get("history", []))
+
+    session.report, session.restored = report_and_log, restored
+    train(config, TensorData.from_shared(ray.get(data_ref)), session, None if exploited else _own_latest(trial_dir))
 
 
 def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -> None:

@@ -1,0 +1,86 @@
+"""Where a run or sweep lives and which cluster it joins: the value rules for --name, --storage and --address."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import socket
+import urllib.parse
+from pathlib import Path
+
+from toolbox.config.registry import ConfigError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}")
+LOCK_FILE = ".toolbox.lock"
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_name(name: str, label: str = "--name") -> str:
+    """A run or sweep name: one path component inside the storage dir, never '', '..' or 'a/b'."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{label} {name!r} is not a name: use letters, digits and . _ + = @ - (at most 200, no '..', "
+            "not starting with '.' or '-'), so that it stays one directory inside --storage"
+        )
+    return name
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in str(storage)
+
+
+def local_dir(storage: str, name: str) -> Path:
+    """STORAGE/NAME on a local (or mounted) filesystem, checked to be a directory inside STORAGE."""
+    root = Path(storage).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--storage {storage}: is a file, not a directory")
+    path = root / check_name(name)
+    if path.parent != root:
+        raise ConfigError(f"--name {name!r} leaves --storage {storage}")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a run directory")
+    return path
+
+
+class DirLock:
+    """An exclusive lock on a run or sweep dir for as long as this process uses it (released when it exits)."""
+
+    def __init__(self, directory: Path, what: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise ConfigError(f"{directory} is in use by {holder}: wait for that {what} to end, or use another --name") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse a cluster address that nothing answers on, instead of waiting minutes inside ray.init."""
+    if address in ("auto", "local"):
+        return
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"ray-gcs://{address}")
+    default_port = 10001 if parsed.scheme == "ray" else 6379
+    try:
+        host, port = parsed.hostname, parsed.port or default_port
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise ConfigError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConfigError(f"--address {address}: nothing answers on {host}:{port} ({reason})") from None

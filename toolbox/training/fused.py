@@ -1,0 +1,326 @@
+"""Horizontally fused training (HFTA, Wang et al., MLSys 2021): K same-shaped trials as one stacked model.
+
+Each member keeps what makes it its own run of ``loop.train``: its initial weights (built under its
+seed), its hyperparameters and schedule (its own registry-built optimizer and scheduler, read every
+step), its dropout masks (its own generator, seeded and drawn as the loop's global one), its data
+order, criterion and metrics, and its rows and checkpoints. On CPU its numbers are the unfused
+loop's to float rounding, and its checkpoints resume in the unfused loop and back.
+
+Members join (``add``) and leave at epoch boundaries. A member leaves after its last epoch, or when
+its session's ``report`` raises ``StopMember`` (the report itself is kept). Members may be at
+different epochs: each has its own epoch, step counts and schedule; an epoch of the group is the
+next epoch of every member.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from toolbox.components.datasets import DATASETS
+from toolbox.components.models import MODELS
+from toolbox.config.registry import ConfigError
+from toolbox.data.tensors import DataSpec, TensorData
+from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
+from toolbox.training.fused_model import StackedModel, layout, no_stacked_form
+from toolbox.training.fused_optim import StackedOptimizer, member_moments, member_state_dict, no_stacked_step
+from toolbox.training.loop import EVAL_BATCH, _report, _restore_state
+from toolbox.training.resume import restore_optimization
+from toolbox.training.session import Session
+
+SHARED_KEYS = ("arch", "dataset", "batch_size", "optimizer")  # besides the model's and the dataset's own keys
+
+
+class StopMember(Exception):
+    """Raised by a member's ``session.report``: that member leaves the group after this report."""
+
+
+def _shared_keys(config: dict) -> list[str]:
+    """Keys every member must share: the model's (but its dropout probabilities), the dataset's, and SHARED_KEYS."""
+    model_keys = [p.key for p in MODELS[config["arch"]].params if p.name != "dropout"]
+    return [*SHARED_KEYS, *model_keys, *(p.key for p in DATASETS[config["dataset"]].params)]
+
+
+def fusable(configs: list[dict], spec: DataSpec | None = None) -> str | None:
+    """None if ``configs`` can train as one fused group, else a one-line reason why not.
+
+    Given the data's ``spec``, the models are built too (on the meta device: no memory, no RNG
+    draws) and their layers compared and checked for stacked forms; a group always checks that."""
+    first = configs[0]
+    for config in configs[1:]:
+        for key in _shared_keys(first):
+            if config.get(key) != first.get(key):
+                return f"different {key}: {first.get(key)!r} vs {config.get(key)!r}"
+    for config in configs:
+        if config["precision"] != "32-true":
+            return f"precision {config['precision']!r}: only 32-true fuses"
+        reason = no_stacked_step(build_optimizer(config, [nn.Parameter(torch.zeros(1))]))
+        if reason:
+            return reason
+    return None if spec is None else _unstackable_models(configs, spec)
+
+
+def _unstackable_models(configs: list[dict], spec: DataSpec) -> str | None:
+    with torch.device("meta"):
+        models = [build_model(config, spec) for config in configs]
+    if not isinstance(models[0], nn.Sequential):
+        return f"{configs[0]['arch']} is a {type(models[0]).__name__}, not an nn.Sequential of stackable layers"
+    for layer in models[0]:
+        reason = no_stacked_form(layer)
+        if reason:
+            return f"{configs[0]['arch']} has {reason}"
+    for config, model in zip(configs[1:], models[1:]):
+        ours, theirs = layout(models[0]), layout(model)
+        if ours != theirs:
+            first_difference = next((a, b) for a, b in zip([*ours, None], [*theirs, None]) if a != b)
+            return f"their models' layers differ (seed {configs[0]['seed']}: {first_difference[0]}, seed {config['seed']}: {first_difference[1]})"
+    return None
+
+
+@dataclass
+class Member:
+    """One trial of a group: what the unfused loop keeps for its run. Weights and moments live in the stack."""
+
+    config: dict
+    session: Session
+    model: nn.Module  # its own model: the state dict's keys, and the placeholders its optimizer holds
+    optimizer: torch.optim.Optimizer  # the registry's: hyperparameters, driven by its scheduler
+    scheduler: LRScheduler
+    interval: str
+    criterion: nn.Module
+    metrics: dict
+    generator: torch.Generator  # dropout on CPU, seeded and checkpointed as the loop's global generator
+    device_generator: torch.Generator | None = None  # dropout elsewhere (not checkpointed, as in the loop)
+    epoch: int = 0
+    global_step: int = 0
+    best_val_loss: float = math.inf
+    first_step_time: float | None = None
+    unstacked: tuple | None = None  # (weights, moments, optimizer steps) until it joins the stack
+
+
+def _step_scheduler(scheduler: LRScheduler) -> None:
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the stacked step is the optimizer's
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+class FusedGroup:
+    """Members ``(config, session)`` trained as one stacked model on ``data`` (every member trains on it).
+
+    Sessions must be single-process (rank 0 of 1) on one device."""
+
+    def __init__(self, data: TensorData, members: Iterable[tuple[dict, Session]] = ()):
+        self.data, self.device = data, None
+        self.members: list[Member] = []  # in the stack's order
+        self.joining: list[Member] = []
+        self.model: StackedModel | None = None
+        self.optimizer: StackedOptimizer | None = None
+        for config, session in members:
+            self.add(config, session)
+
+    def add(self, config: dict, session: Session, resume_from: str | None = None) -> bool:
+        """Let a member join from the next epoch on: from its session's latest checkpoint, ``resume_from``, or fresh.
+
+        Returns False, having reported its last row again (as the loop does), where its checkpoint is already done."""
+        reason = fusable([m.config for m in (*self.members, *self.joining)] + [config], self.data.spec)
+        if reason:
+            raise ConfigError(f"cannot fuse this config with the group's: {reason}")
+        if session.world_size != 1:
+            raise ValueError("a fused member trains in one process (world_size 1)")
+        if self.device is None:
+            self.device, self.data = session.device, self.data.to(session.device)
+        elif session.device != self.device:
+            raise ValueError(f"members on {self.device} and {session.device}: a group trains on one device")
+        member = self._build_member(config, session, resume_from)
+        if member is not None:
+            self.joining.append(member)
+        return member is not None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train_y) / self._batch_size)
+
+    @property
+    def _batch_size(self) -> int:
+        return (self.members or self.joining)[0].config["batch_size"]
+
+    def run(self) -> None:
+        """Train until every member has left."""
+        while self.members or self.joining:
+            self.train_epoch()
+
+    def train_epoch(self) -> None:
+        """The next epoch of every member (joining ones first join), reported per member; then finished and stopped ones leave."""
+        torch.set_flush_denormal(True)  # as in loop.train: subnormal moments are slow on x86
+        if self.joining:
+            self._restack([*self.members, *self.joining])
+        if not self.members:
+            return
+        started = time.perf_counter()
+        lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
+        loss_sums = self._train_steps()
+        train_seconds = time.perf_counter() - started
+        vals = self._evaluate()
+        epoch_seconds = time.perf_counter() - started
+        leaving = []
+        for k, member in enumerate(self.members):
+            member.epoch += 1
+            member.best_val_loss = min(member.best_val_loss, vals[k]["val_loss"])
+            n = len(self.data.train_y)
+            row = {
+                "epoch": member.epoch,
+                "lr": lrs[k],
+                "train_loss": loss_sums[k].item() / n,
+                **vals[k],
+                "epoch_s": epoch_seconds,
+                "samples_per_s": n / train_seconds,  # this member's samples
+                "global_step": member.global_step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "first_step_time": member.first_step_time,
+            }
+            try:
+                _report(member.session, row, self._checkpoint(k, row))
+            except StopMember:
+                leaving.append(member)
+                continue
+            if member.epoch >= member.config["epochs"]:
+                leaving.append(member)
+        if leaving:
+            self._restack([m for m in self.members if m not in leaving])
+
+    def _build_member(self, config: dict, session: Session, resume_from: str | None) -> Member | None:
+        """As ``loop.train`` sets a run up: the same seeds, builders and restored state."""
+        torch.manual_seed(config["seed"])  # the unfused run's initial weights
+        model = build_model(config, self.data.spec)
+        state = _restore_state(session, resume_from)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        model.to(self.device)
+        optimizer = build_optimizer(config, model.parameters())
+        steps_per_epoch = math.ceil(len(self.data.train_y) / config["batch_size"])
+        scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
+        metrics = {name: m.to(self.device) for name, m in build_metrics(config, self.data.num_classes).items()}
+        generator = torch.Generator().manual_seed(config["seed"] + 1)  # as the loop seeds rank 0's
+        member = Member(config, session, model, optimizer, scheduler, interval, build_criterion(config), metrics, generator)
+        if self.device.type != "cpu":
+            member.device_generator = torch.Generator(self.device).manual_seed(config["seed"] + 1)
+        if state is not None:
+            restore_optimization(state, config, optimizer, scheduler, interval, steps_per_epoch)
+            generator.set_state(state["rng"].get("per_rank", [state["rng"]["torch"]])[0])
+            member.epoch, member.global_step, member.best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
+            if member.epoch >= config["epochs"]:
+                session.report(state["row"], None)
+                return None
+        params = dict(model.named_parameters())
+        member.unstacked = ({key: p.detach() for key, p in params.items()}, *member_moments(optimizer, params))
+        optimizer.state.clear()  # the stack holds the moments from here on
+        return member
+
+    def _unstacked(self, member: Member) -> tuple[dict, dict, int]:
+        """(weights, moments, optimizer steps) of ``member``, from the stack where it is in it."""
+        if member.unstacked is not None:
+            unstacked, member.unstacked = member.unstacked, None
+            return unstacked
+        k = self.members.index(member)
+        moments = {
+            key: {name: self.model.member_tensor(key, t, k) for name, t in m.items()} for key, m in self.optimizer.moments.items()
+        }
+        return self.model.member_weights(k), moments, self.optimizer.steps[k]
+
+    def _restack(self, members: list[Member]) -> None:
+        """Stack ``members`` (their order is the stack's): a new model and optimizer over their weights and moments."""
+        unstacked = [self._unstacked(m) for m in members]
+        self.members, self.joining = members, [m for m in self.joining if m not in members]
+        if not members:
+            self.model = self.optimizer = None
+            return
+        generators = [m.device_generator or m.generator for m in members]
+        self.model = StackedModel([m.model for m in members], [u[0] for u in unstacked], generators)
+        params = dict(self.model.named_parameters())
+        moments = {
+            key: {name: self.model.stack_tensors(key, [u[1][key][name] for u in unstacked]) for name in unstacked[0][1][key]}
+            for key in params
+        }
+        self.optimizer = StackedOptimizer(params, [m.optimizer for m in members], moments, [u[2] for u in unstacked])
+
+    def _train_steps(self) -> torch.Tensor:
+        """One epoch of steps for every member, each in its own data order; the members' summed train losses."""
+        members, n, batch_size = self.members, len(self.data.train_y), self._batch_size
+        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(m.config["seed"] * 7919 + m.epoch)) for m in members]
+        order = torch.stack(orders).to(self.device)
+        loss_sums = torch.zeros(len(members), device=self.device)
+        self.model.train()
+        for i in range(0, n, batch_size):
+            now = time.time()
+            for member in members:
+                member.first_step_time = member.first_step_time or now
+            batch = order[:, i : i + batch_size]
+            inputs, targets = self.data.batch("train", batch.flatten())
+            logits = self.model(inputs.view(*batch.shape, *inputs.shape[1:]))
+            targets = targets.view(batch.shape)
+            losses = torch.stack([m.criterion(logits[k], targets[k]) for k, m in enumerate(members)])
+            self.optimizer.zero_grad()
+            losses.sum().backward()  # member k's parameters get the gradient of its own loss alone
+            self.optimizer.step()
+            for member in members:
+                if member.interval == "step":
+                    _step_scheduler(member.scheduler)
+                member.global_step += 1
+            loss_sums += losses.detach() * batch.shape[1]
+        for member in members:
+            if member.interval == "epoch":
+                _step_scheduler(member.scheduler)
+        return loss_sums
+
+    @torch.no_grad()
+    def _evaluate(self) -> list[dict]:
+        """Every member's val loss and metrics over the whole val set, as ``loop.evaluate`` takes them."""
+        self.model.eval()
+        members, n = self.members, len(self.data.val_y)
+        sums = torch.zeros(len(members), 2, dtype=torch.float64, device=self.device)
+        for member in members:
+            for metric in member.metrics.values():
+                metric.reset()
+        for i in range(0, n, EVAL_BATCH):
+            inputs, targets = self.data.batch("val", torch.arange(i, min(i + EVAL_BATCH, n), device=self.device))
+            logits = self.model(inputs.expand(len(members), *inputs.shape))
+            for k, member in enumerate(members):
+                sums[k, 0] += member.criterion(logits[k], targets).double() * len(targets)
+                sums[k, 1] += len(targets)
+                for metric in member.metrics.values():
+                    metric.update(logits[k], targets)
+        return [
+            {"val_loss": loss / count, **{name: float(metric.compute()) for name, metric in member.metrics.items()}}
+            for member, (loss, count) in zip(members, sums.tolist())
+        ]
+
+    def _checkpoint(self, k: int, row: dict) -> dict:
+        """Member k's checkpoint state, as ``loop.train`` saves it."""
+        member = self.members[k]
+        weights = {key: t.clone(memory_format=torch.contiguous_format) for key, t in self.model.member_weights(k).items()}
+        _, moments, steps = self._unstacked(member)
+        rng = member.generator.get_state()
+        return {
+            "model": weights,
+            "optimizer": member_state_dict(member.optimizer, dict(member.model.named_parameters()), moments, steps),
+            "scheduler": member.scheduler.state_dict(),
+            "epoch": member.epoch,
+            "global_step": member.global_step,
+            "rng": {"torch": rng, "per_rank": [rng]},
+            "best_val_loss": member.best_val_loss,
+            "val_loss": row["val_loss"],
+            "config": member.config,
+            "row": row,
+        }
+
+
+def train_fused(members: Iterable[tuple[dict, Session]], data: TensorData) -> None:
+    """Train ``members`` as one fused group until each has trained its epochs or been stopped."""
+    FusedGroup(data, members).run()

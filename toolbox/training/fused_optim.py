@@ -1,0 +1,162 @@
+"""One optimizer step for K stacked members, each with the hyperparameters of its own torch optimizer.
+
+Every member keeps the real optimizer the registry builds for it (over its own, unstacked model's
+parameters, which only serve as placeholders): its scheduler drives it as in the unfused loop, and
+each step reads ``param_groups[0]`` of every member into ``[K, 1, ...]`` tensors broadcast over the
+stacked parameters. The moments live stacked here; ``member_state_dict`` writes member k's back into
+its optimizer's own ``state_dict`` format, and ``member_moments`` reads them out of a restored one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+MOMENTS = {
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq"),
+    torch.optim.SGD: ("momentum_buffer",),
+}
+
+
+def no_stacked_step(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer``'s step has no stacked form here, or None."""
+    if type(optimizer) not in MOMENTS:
+        return f"optimizer class {type(optimizer).__name__} has no stacked step (Adam, AdamW and SGD have)"
+    if len(optimizer.param_groups) != 1:
+        return f"{type(optimizer).__name__} with {len(optimizer.param_groups)} param groups (one stacks)"
+    group = optimizer.param_groups[0]
+    for flag in ("amsgrad", "maximize", "differentiable"):
+        if group.get(flag):
+            return f"{type(optimizer).__name__} with {flag}=True has no stacked step"
+    if group.get("dampening", 0) != 0:
+        return f"SGD with dampening={group['dampening']} has no stacked step"
+    return None
+
+
+def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
+    return optimizer.param_groups[0].get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+
+
+def member_moments(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> tuple[dict, int]:
+    """``({key: {moment: tensor}}, adam step)`` from a member's optimizer; zeros where it has no state yet.
+
+    A zero momentum buffer gives SGD's first step exactly (``0 * momentum + grad``), so none is needed."""
+    moments, step = {}, 0
+    for key, p in params.items():
+        state = optimizer.state.get(p, {})
+        moments[key] = {
+            m: state[m].detach() if state.get(m) is not None else torch.zeros_like(p) for m in MOMENTS[type(optimizer)]
+        }
+        if "step" in state:
+            step = int(state["step"])
+        elif state.get("momentum_buffer") is not None:
+            step = 1  # SGD's state only says whether it has stepped
+    return moments, step
+
+
+def member_state_dict(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], moments: dict, step: int) -> dict:
+    """Member's ``optimizer.state_dict()`` as its own unfused run's would be, holding ``moments`` at ``step``."""
+    optimizer.state.clear()
+    if step > 0:
+        sgd_without_buffer = isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0
+        for key, p in params.items():
+            if isinstance(optimizer, torch.optim.SGD):
+                state = {} if sgd_without_buffer else {"momentum_buffer": moments[key]["momentum_buffer"]}
+            else:
+                state = {"step": torch.tensor(float(step), device=p.device if _fused(optimizer) else "cpu"), **moments[key]}
+            if state:
+                optimizer.state[p] = {m: t.clone(memory_format=torch.contiguous_format) for m, t in state.items()}
+    saved = optimizer.state_dict()
+    optimizer.state.clear()  # the stack holds the live moments
+    return saved
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    group = optimizer.param_groups[0]
+    return bool(group.get("fused") or group.get("capturable"))
+
+
+class StackedOptimizer:
+    """Adam, AdamW or SGD over stacked parameters; ``optimizers[k]`` holds member k's hyperparameters.
+
+    ``moments`` is ``{key: {moment: stacked tensor}}``; ``steps[k]`` member k's Adam step count."""
+
+    def __init__(self, params: dict[str, nn.Parameter], optimizers: list[torch.optim.Optimizer], moments: dict, steps: list[int]):
+        self.params, self.optimizers, self.moments, self.steps = params, optimizers, moments, list(steps)
+        self.kind = type(optimizers[0])
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def _per_member(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.tensor([o.param_groups[0][name] for o in self.optimizers], dtype=dtype)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.kind is torch.optim.SGD:
+            self._sgd_step()
+        else:
+            self._adam_step()
+
+    def _broadcast(self, values: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """For a parameter ``p``: the ``[K]`` float64 ``values`` as ``[K, 1, ...]`` of ``p``'s dtype and device."""
+        cache = {}
+
+        def like(p: torch.Tensor) -> dict[str, torch.Tensor]:
+            key = (p.ndim, p.dtype, p.device)
+            if key not in cache:
+                shape = (len(self.steps),) + (1,) * (p.ndim - 1)
+                cache[key] = {name: v.to(p.device, p.dtype).view(shape) for name, v in values.items()}
+            return cache[key]
+
+        return like
+
+    def _adam_step(self) -> None:
+        self.steps = [s + 1 for s in self.steps]
+        step = torch.tensor(self.steps, dtype=torch.float64)
+        lr, weight_decay, eps = self._per_member("lr"), self._per_member("weight_decay"), self._per_member("eps")
+        beta1, beta2 = (
+            torch.tensor([o.param_groups[0]["betas"][i] for o in self.optimizers], dtype=torch.float64) for i in (0, 1)
+        )
+        values = {
+            "weight_decay": weight_decay,
+            "decay": 1 - lr * weight_decay,
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1 - beta2,
+            "neg_step_size": -lr / (1 - beta1**step),
+            "bias_correction2_sqrt": (1 - beta2**step).sqrt(),
+            "eps": eps,
+        }
+        decoupled, any_decay, like = _decoupled(self.optimizers[0]), bool(weight_decay.any()), self._broadcast(values)
+        for key, p in self.params.items():
+            h, grad = like(p), p.grad
+            exp_avg, exp_avg_sq = self.moments[key]["exp_avg"], self.moments[key]["exp_avg_sq"]
+            if any_decay and decoupled:
+                p.mul_(h["decay"])
+            elif any_decay:
+                grad = grad.addcmul(p, h["weight_decay"])
+            exp_avg.lerp_(grad, h["one_minus_beta1"])
+            exp_avg_sq.mul_(h["beta2"]).addcmul_(grad, grad * h["one_minus_beta2"])
+            denom = exp_avg_sq.sqrt().div_(h["bias_correction2_sqrt"]).add_(h["eps"])
+            p.addcdiv_(exp_avg * h["neg_step_size"], denom)
+
+    def _sgd_step(self) -> None:
+        weight_decay, momentum = self._per_member("weight_decay"), self._per_member("momentum")
+        nesterov = self._per_member("nesterov")
+        values = {"weight_decay": weight_decay, "momentum": momentum, "neg_lr": -self._per_member("lr"), "nesterov": nesterov}
+        any_decay, any_nesterov, like = bool(weight_decay.any()), bool(nesterov.any()), self._broadcast(values)
+        for key, p in self.params.items():
+            h, grad = like(p), p.grad
+            if any_decay:
+                grad = grad.addcmul(p, h["weight_decay"])
+            buffer = self.moments[key]["momentum_buffer"].mul_(h["momentum"]).add_(grad)
+            update = buffer
+            if any_nesterov:
+                update = torch.where(h["nesterov"] != 0, grad.addcmul(buffer, h["momentum"]), buffer)
+            p.addcmul_(update, h["neg_lr"])
+        self.steps = [s + 1 for s in self.steps]
