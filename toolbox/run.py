@@ -15,11 +15,12 @@ from typing import Any
 
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
 from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
-from toolbox.config.resolve import coerce, resolve
+from toolbox.config.resolve import KINDS, SELECTORS, coerce, resolve
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
-from toolbox.distributed.locations import DirLock, check_address, local_dir
+from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.trainer import Workers, torch_trainer
+from toolbox.distributed.trainer import fit as fit_interruptibly
 from toolbox.training.builders import build_dataset, check_against_data, check_components
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
@@ -61,9 +62,8 @@ def build_parser() -> Parser:
     )
     ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
     ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
-    ray_flags.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
     ray_flags.add_argument("--resume", metavar="PATH", help="a checkpoint dir, or a run dir (its latest checkpoint)")
-    ray_flags.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    cluster.add_ray_flags(ray_flags)
     return parser
 
 
@@ -74,7 +74,7 @@ class Plan:
     config: dict[str, Any]
     args: argparse.Namespace
     data: TensorData
-    run_dir: Path
+    place: Place  # the run dir, local or under a storage URI
     resume_from: str | None
     state: dict | None  # the checkpoint resumed from
 
@@ -92,7 +92,10 @@ def prepare(argv: list[str] | None) -> Plan:
     args = build_parser().parse_args(argv)
     args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None
-    run_dir = local_dir(args.storage, args.name)
+    where = place(args.storage, args.name)
+    run_dir = where.local
+    if where.mirror is not None:
+        where.mirror.pull(run_dir, (RESOURCES_FILE,))
     saved = _saved_resources(run_dir)
     for key, default in RESOURCE_DEFAULTS.items():  # a re-run keeps its workers unless told otherwise
         if getattr(args, key) is None:
@@ -100,7 +103,8 @@ def prepare(argv: list[str] | None) -> Plan:
     for key, rule in RAY_FLAG_RULES.items():
         setattr(args, key, coerce(key, rule, getattr(args, key)))
     resume_path, state = None, None
-    if args.resume or (run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))):
+    # A run under a URI continues from Ray's own record of its checkpoints (a same-name re-run).
+    if args.resume or (not where.remote and run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))):
         resume_path, state = load_latest(args.resume or run_dir)
         resume_path = str(resume_path)
     config = resolve(given_config(args), base=state["config"] if state else None)
@@ -117,7 +121,7 @@ def prepare(argv: list[str] | None) -> Plan:
         check_address(args.address)
     else:
         cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
-    return Plan(config, args, data, run_dir, resume_path, state)
+    return Plan(config, args, data, where, resume_path, state)
 
 
 def follow(path: Path, stop: threading.Event) -> None:
@@ -141,38 +145,47 @@ def fit(plan: Plan):
     import ray
 
     args, config = plan.args, plan.config
-    url = cluster.start(args.address, verbose=args.verbose)
-    if url:
-        log.info("Ray dashboard: %s", url)
+    url = cluster.start(
+        args.address,
+        job_name=f"toolbox.run {args.name}",
+        verbose=args.verbose,
+        dashboard=args.dashboard,
+        dashboard_host=args.dashboard_host,
+    )
+    cluster.announce(url, args.dashboard_host)
+    cluster.describe_session(plan.place.local, url)
     if args.address:
         resources = ray.cluster_resources()
         cluster.check_capacity(
             args.workers, args.cpus_per_worker, args.use_gpu, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0)
         )
-    epoch_log = EpochLog(plan.run_dir, config["epochs"])
+    epoch_log = EpochLog(plan.place.local, config["epochs"], mirror=plan.place.mirror)
     epoch_log.log(f"config {json.dumps(config)}")
-    replace_file(plan.run_dir / "config.json", json.dumps(config, indent=2).encode())
     resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
-    replace_file(plan.run_dir / RESOURCES_FILE, json.dumps(resources).encode())
+    for name, content in (("config.json", json.dumps(config, indent=2)), (RESOURCES_FILE, json.dumps(resources))):
+        replace_file(plan.place.local / name, content.encode())
+        if plan.place.mirror is not None:
+            plan.place.mirror.push(plan.place.local, name)
     if plan.state is not None:
         log.info("resuming from epoch %d: %s", plan.state["epoch"], plan.resume_from)
-        if plan.resume_from.startswith(str(plan.run_dir) + os.sep):  # its own rows, from the checkpoint it continues
+        if plan.resume_from.startswith(str(plan.place.local) + os.sep):  # its own rows, from the checkpoint it continues
             epoch_log.backfill(plan.state.get("history", []))
     trainer = torch_trainer(
         config,
         ray.put(plan.data.to_shared()),
         Workers(args.workers, args.cpus_per_worker, 1.0 if args.use_gpu else 0.0),
         name=args.name,
-        storage=plan.run_dir.parent,
-        epoch_log_dir=plan.run_dir,
+        storage=plan.place,
         resume_from=plan.resume_from,
         max_failures=args.max_failures,
+        hparams=_hparams(config),
+        live_tags={"sweep": "toolbox.run", "trial": args.name},
     )
     stop = threading.Event()
-    echo = threading.Thread(target=follow, args=(plan.run_dir / LOG_FILE, stop), daemon=True)
+    echo = threading.Thread(target=follow, args=(plan.place.local / LOG_FILE, stop), daemon=True)
     echo.start()
     try:
-        return trainer.fit()
+        return fit_interruptibly(trainer)
     finally:
         stop.set()
         echo.join()
@@ -192,25 +205,23 @@ def main(argv: list[str] | None = None) -> int:
         plan.config["dataset"],
         plan.config["epochs"],
         plan.args.workers,
-        plan.run_dir,
+        plan.place.local,
     )
     lock = None
     try:
-        lock = DirLock(plan.run_dir, "run")
+        lock = DirLock(plan.place.local, "run")
         result = fit(plan)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"toolbox.run: interrupted: {_kept(plan.run_dir)}; re-run the same command to continue", file=sys.stderr)
+        print(f"toolbox.run: interrupted: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        print(f"toolbox.run: training failed: {describe_failure(exc)}; {_kept(plan.run_dir)}", file=sys.stderr)
+        print(f"toolbox.run: training failed: {describe_failure(exc)}; {_kept(plan.place.local)}", file=sys.stderr)
         return 1
     finally:
-        import ray
-
-        ray.shutdown()
+        placement_groups_left = cluster.stop()
         if lock is not None:
             lock.release()
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
@@ -218,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)
     if result.checkpoint:
         log.info("latest checkpoint: %s", result.checkpoint.path)
+    replace_file(plan.place.local / "summary.json", json.dumps({"placement_groups_left": placement_groups_left}).encode())
     return 0
+
+
+def _hparams(config: dict) -> dict:
+    """TensorBoard's HParams for a run: every key that differs from the defaults of its components."""
+    defaults = resolve({r.selector: config[r.selector] for r in KINDS})
+    return {key: value for key, value in config.items() if key in SELECTORS or value != defaults[key]}
 
 
 def _kept(run_dir: Path) -> str:

@@ -17,17 +17,19 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+import pyarrow.fs
 
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import cluster
-from toolbox.distributed.locations import LOCK_FILE, DirLock, check_address, local_dir
-from toolbox.distributed.storage import filesystem_for
+from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
+from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.epochlog import replace_file
 from toolbox.tuning import results
 from toolbox.tuning.sweepfile import FIELDS, Sweep, check_trials, load
-from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial
+from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 
 log = logging.getLogger("toolbox")
 
@@ -63,10 +65,9 @@ def build_parser() -> Parser:
     runtime = parser.add_argument_group("ray")
     runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
     runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
-    runtime.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
     runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
     runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
-    runtime.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    cluster.add_ray_flags(runtime)
     add_config_flags(parser, exclude=("epochs", "seed"))  # any run key overrides the base: --mnist-root, ...
     return parser
 
@@ -81,14 +82,15 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.seed is not None:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
-    args.exp_dir = local_dir(args.storage, sweep.name)
-    if args.restart and args.exp_dir.exists() and not _is_sweep_dir(args.exp_dir):
-        raise ConfigError(f"--restart: {args.exp_dir} holds no sweep (no Tune experiment state), so it is not deleted")
+    args.exp = place(args.storage, sweep.name)
+    if args.restart and not _holds_a_sweep_or_nothing(args.exp):
+        raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     if args.address:
         check_address(args.address)
-    if not sweep.trials_in_process and not args.address and not cluster.dashboard_available():
+    if not sweep.trials_in_process and not args.address and not (args.dashboard and cluster.dashboard_available()):
+        why = "is off (--no-dashboard)" if not args.dashboard else "is not installed (pip install 'ray[default]')"
         raise ConfigError(
-            "trials with a TorchTrainer need Ray's dashboard, which is not installed (pip install 'ray[default]'): "
+            f"trials with a TorchTrainer need Ray's dashboard, which {why}: "
             "without it each trial leaks a worker CPU and the sweep hangs (ray-project/ray#54305)"
         )
     if not args.address:
@@ -101,15 +103,20 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     return sweep, args
 
 
-def _is_sweep_dir(directory: Path) -> bool:
-    return any(directory.glob("experiment_state-*.json")) or (directory / "results.parquet").is_file()
+def _holds_a_sweep_or_nothing(exp: Place) -> bool:
+    entries = exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True))
+    names = {info.base_name for info in entries} - {LOCK_FILE}
+    return not names or any(n.startswith("experiment_state-") or n == "results.parquet" for n in names)
 
 
-def _empty(directory: Path, keep: str) -> None:
-    """Delete what ``directory`` holds, but ``keep``."""
-    for entry in directory.iterdir():
-        if entry.name != keep:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+def _empty(exp: Place) -> None:
+    """Delete what the sweep dir holds (and its local staging copy), but the lock."""
+    for info in exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True)):
+        if info.base_name == LOCK_FILE:
+            continue
+        exp.fs.delete_dir(info.path) if info.type == pyarrow.fs.FileType.Directory else exp.fs.delete_file(info.path)
+    if exp.remote and exp.local.exists():
+        shutil.rmtree(exp.local)
 
 
 def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
@@ -122,25 +129,24 @@ def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
 
 
 def trial_checkpoints(sweep: Sweep):
-    """Keep each trial's best and latest; PBT keeps all: any of them may be exploited by another trial."""
+    """Keep each trial's two latest; PBT keeps all: any of them may be exploited by another trial."""
     from ray import tune
 
     if sweep.trial_scheduler == "pbt":
         return tune.CheckpointConfig(num_to_keep=None)
-    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric, checkpoint_score_order=sweep.mode)
+    # By recency: a retried trial continues from its latest (Tune keeps no latest beside a best); each
+    # trial keeps its best epoch's checkpoint itself, in best/.
+    return tune.CheckpointConfig(num_to_keep=2)
 
 
-def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float, progress):
+def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, progress):
     from ray import tune
 
     from toolbox.tuning.search import search_algorithm, trial_scheduler
 
-    filesystem = filesystem_for(exp_dir)
-    if tune.Tuner.can_restore(str(exp_dir), storage_filesystem=filesystem):
-        log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp_dir)
-        return tune.Tuner.restore(
-            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
-        )
+    if tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
+        log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp.path)
+        return tune.Tuner.restore(exp.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp.fs)
     max_concurrent = concurrency(sweep, cpus, gpus)
     return tune.Tuner(
         trainable,
@@ -155,8 +161,8 @@ def make_tuner(sweep: Sweep, trainable, exp_dir: Path, cpus: float, gpus: float,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=str(exp_dir.parent),
-            storage_filesystem=filesystem,
+            storage_path=exp.parent,
+            storage_filesystem=exp.fs,
             verbose=0,
             callbacks=[progress],
             checkpoint_config=trial_checkpoints(sweep),
@@ -169,33 +175,39 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     import ray
     from ray import tune
 
+    from toolbox.tuning import tune_fixes
     from toolbox.tuning.progress import Progress
-    from toolbox.tuning.search import snapshot_after_every_change
 
     config = sweep.trial_config({})
     data = build_dataset(config)
     check_trials(sweep, data.spec, args.sweep_file)
     check_against_data(config, check_components(config, data.spec), data)
-    exp_dir = args.exp_dir
+    exp = args.exp
+    exp_dir = exp.local
     args.lock = DirLock(exp_dir, "sweep")
     if args.restart:
-        log.info("--restart: removing what %s holds", exp_dir)
-        _empty(exp_dir, keep=LOCK_FILE)
+        log.info("--restart: removing what %s holds", exp.path)
+        _empty(exp)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
-    snapshot_after_every_change()
-    url = cluster.start(args.address, verbose=args.verbose, extra_resources={TRAIN_DRIVER_RESOURCE: 1000})
-    if url:
-        log.info("Ray dashboard: %s", url)
+    tune_fixes.install()
+    url = cluster.start(
+        args.address,
+        job_name=f"toolbox.sweep {sweep.name}",
+        verbose=args.verbose,
+        dashboard=args.dashboard,
+        dashboard_host=args.dashboard_host,
+        extra_resources={TRAIN_DRIVER_RESOURCE: 1000},
+    )
+    cluster.announce(url, args.dashboard_host)
+    cluster.describe_session(exp_dir, url)
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     if sweep.trials_in_process:
         trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
     else:  # the trial function only drives its TorchTrainer's workers
         trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp_dir=str(exp_dir)), trial_resources
-    )
+    trial = tune.with_resources(trainable(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp=exp), trial_resources)
     progress = Progress(sweep)
     started = time.time()
     log.info(
@@ -209,22 +221,31 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.mode,
         exp_dir,
     )
-    tuner = make_tuner(sweep, trainable, exp_dir, cpus, gpus, progress)
+    tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress)
     fit_started = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
-        grid = tune.Tuner.restore(str(exp_dir), trainable, storage_filesystem=filesystem_for(exp_dir)).get_results()
+        grid = tune.Tuner.restore(exp.path, trial, storage_filesystem=exp.fs).get_results()
     fit_s = time.time() - fit_started
-    rows = results.trial_rows(grid, sweep, progress.startup_s, progress.states())
+    delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
+    rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp))
     print(results.format_table(rows, sweep), flush=True)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
-        written = pool.submit(results.write, rows, sweep, exp_dir)
-        ray.shutdown()
+        written = pool.submit(results.write, rows, sweep, exp_dir, exp.mirror)
+        placement_groups_left = cluster.stop()
         best = written.result()
-    summary = {"wall_s": time.time() - started, "fit_s": fit_s, "trials": len(rows), "epochs": sum(r["epochs"] for r in rows)}
-    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {
+        "wall_s": time.time() - started,
+        "fit_s": fit_s,
+        "trials": len(rows),
+        "epochs": sum(r["epochs"] for r in rows),
+        "placement_groups_left": placement_groups_left,
+    }
+    replace_file(exp_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    if exp.mirror is not None:
+        exp.mirror.push(exp_dir, "summary.json")
     log.info(
         "wall time %.0f s (Tune %.0f s); results: %s/results.parquet (.csv), best.json, plots/", summary["wall_s"], fit_s, exp_dir
     )
@@ -238,8 +259,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
-    unfinished = [r for r in rows if r["status"] == "interrupted"]
-    if unfinished or len(rows) < sweep.total_trials:
+    if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         print(
             f"toolbox.sweep: interrupted: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "

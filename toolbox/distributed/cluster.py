@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -10,8 +12,9 @@ import warnings
 from pathlib import Path
 
 from toolbox.config.registry import ConfigError
+from toolbox.distributed import reaper
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -26,7 +29,7 @@ def dashboard_available() -> bool:
     return all(importlib.util.find_spec(name) for name in ("aiohttp_cors", "opencensus"))
 
 
-def quiet_ray() -> None:
+def quiet_ray(verbose: bool = False) -> None:
     """Keep the console to our own lines: Ray's progress tables, banners and deprecation chatter off."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter prints nothing
@@ -35,33 +38,72 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs show in the dashboard
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # toolbox says what failed, in one line
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
+
+
+def _bind_to_loopback() -> None:
+    """Make every server of the local Ray listen on 127.0.0.1 and on ports chosen free.
+
+    Ray binds GCS, the raylet, workers and the dashboard agent to loopback only when the node's IP
+    is loopback, which on Linux it allows only in its single-machine mode (the switch below, read
+    by Ray at call time and by the processes it starts). Three ports are fixed defaults in Ray; a
+    second Ray on the host holding them disables the log views, so they are picked free here."""
+    import ray._private.parameter
+    import ray._private.ray_constants
+
+    os.environ[ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["DASHBOARD_METRIC_PORT"] = str(free_port())
+    os.environ["AUTOSCALER_METRIC_PORT"] = str(free_port())
+    base = ray._private.parameter.RayParams
+    if getattr(base, "toolbox_free_agent_port", False):
+        return
+
+    class RayParams(base):  # ray.init offers no argument for the agent's HTTP port (fixed 52365)
+        toolbox_free_agent_port = True
+
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("gcs_address") is None:
+                kwargs.setdefault("dashboard_agent_listen_port", free_port())
+            super().__init__(*args, **kwargs)
+
+    ray._private.parameter.RayParams = RayParams
 
 
 def start(
     address: str | None,
     *,
+    job_name: str,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     verbose: bool = False,
+    dashboard: bool = True,
+    dashboard_host: str = "127.0.0.1",
     extra_resources: dict | None = None,
 ) -> str | None:
     """Start a private local Ray (or join ``address``); returns the dashboard URL when we started one.
 
-    A local Ray always gets its dashboard on a free 127.0.0.1 port and ``RAY_API_SERVER_ADDRESS``
-    pointing at it: without that, Train-in-Tune leaks a worker CPU at every trial end and the sweep
-    waits forever (ray-project/ray#54305, RAY-NOTES trap 8).
+    A local Ray binds every port to 127.0.0.1 (the dashboard to ``dashboard_host``) and points
+    ``RAY_API_SERVER_ADDRESS`` at its dashboard: without that, Train-in-Tune leaks a worker CPU at
+    every trial end and the sweep waits forever (ray-project/ray#54305, RAY-NOTES trap 8). The
+    driver's job is named ``job_name`` on the dashboard's Jobs page.
     """
     import ray
+    from ray.job_config import JobConfig
 
-    quiet_ray()
+    quiet_ray(verbose)
+    job_config = JobConfig(metadata={"job_name": job_name})
     pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     if address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if "RAY_AUTH_MODE" not in os.environ:
+            # Ray read its config when it was imported: have it read it again, as its own token setup does.
+            os.environ["RAY_AUTH_MODE"] = "token"
+            ray._raylet.Config.initialize("")
         try:
             ray.init(
                 address=address,
+                job_config=job_config,
                 log_to_driver=verbose,
                 logging_level=logging.WARNING if verbose else logging.ERROR,
                 runtime_env={"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]},
@@ -69,27 +111,93 @@ def start(
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
         return None
+    dashboard = dashboard and dashboard_available()
     port = free_port()
-    dashboard = dashboard_available()
     if dashboard:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    else:
-        log.warning("Ray's dashboard is off: its dependencies are missing (pip install 'ray[default]')")
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
+    _bind_to_loopback()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
+        dashboard_host=dashboard_host,
         dashboard_port=port,
+        job_config=job_config,
         log_to_driver=verbose,
         logging_level=logging.WARNING if verbose else logging.ERROR,
         configure_logging=True,
         resources=extra_resources or None,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
     )
-    return f"http://127.0.0.1:{port}" if dashboard else None
+    node = ray._private.worker._global_node
+    raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    reaper.start(raylet, Path(node.get_session_dir_path()) / "logs" / "toolbox_reaper.log")
+    host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "localhost") else dashboard_host
+    return f"http://{host}:{port}" if dashboard else None
+
+
+def describe_session(directory: Path, url: str | None) -> None:
+    """``ray_session.json`` in a run or sweep dir: where this Ray's logs and Prometheus targets are."""
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is None:  # joined a cluster: its head node has them
+        return
+    session = node.get_session_dir_path()
+    info = {
+        "dashboard": url,
+        "session_dir": session,
+        "prometheus_targets": str(Path(session) / "prom_metrics_service_discovery.json"),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ray_session.json").write_text(json.dumps(info, indent=2))
+
+
+def stop() -> int:
+    """Remove the placement groups this driver's job left behind, then shut Ray down; returns how many there were."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    left = [pg for pg, info in ray.util.placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"]
+    for pg in left:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+    if left:
+        log.warning("removed %d placement group(s) this job left behind", len(left))
+    ray.shutdown()
+    return len(left)
+
+
+def add_ray_flags(group) -> None:
+    """The flags that decide where Ray runs and who can see it, shared by toolbox.run and toolbox.sweep."""
+    group.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
+    group.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start Ray's dashboard with a local Ray (default: on)",
+    )
+    group.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="the address the local dashboard listens on (default: 127.0.0.1; anyone who reaches it can run jobs)",
+    )
+    group.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+
+
+def announce(url: str | None, dashboard_host: str) -> None:
+    """The dashboard's URL, and how to get past its token prompt, in one line."""
+    if url:
+        log.info("Ray dashboard: %s (it asks for a token: run `ray get-auth-token`, or read ~/.ray/auth_token)", url)
+    if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the dashboard listens on %s: anyone who reaches it can run code as you (token auth stays on)", dashboard_host
+        )
 
 
 def check_capacity(

@@ -6,8 +6,13 @@ import fcntl
 import os
 import re
 import socket
+import tempfile
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow
+import pyarrow.fs
 
 from toolbox.config.registry import ConfigError
 
@@ -84,3 +89,67 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         raise ConfigError(f"--address {address}: nothing answers on {host}:{port} ({reason})") from None
+
+
+@dataclass(frozen=True)
+class Place:
+    """A run or sweep dir: on a local (or mounted) disk, or under a URI (s3://, gs://) every node can read.
+
+    Ray writes checkpoints and Tune's state through ``fs``; toolbox writes its own files (epoch
+    tables, logs, results) in ``local`` and, for a URI, copies each to ``path`` in ``fs`` as it
+    changes (``mirror``)."""
+
+    fs: pyarrow.fs.FileSystem
+    parent: str  # the storage root in fs: Ray's storage_path
+    path: str  # this run's or sweep's dir in fs
+    local: Path
+    remote: bool
+
+    @property
+    def mirror(self) -> Mirror | None:
+        return Mirror(self.fs, self.path) if self.remote else None
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A copy under a URI of the small files toolbox writes in a local dir."""
+
+    fs: pyarrow.fs.FileSystem
+    path: str
+
+    def push(self, local: Path, relative: str) -> None:
+        target = f"{self.path}/{relative}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(target) as out:
+            out.write((local / relative).read_bytes())
+
+    def pull(self, local: Path, names: tuple[str, ...]) -> None:
+        """Fetch the mirrored files a fresh staging dir lacks (a run continued on another machine)."""
+        local.mkdir(parents=True, exist_ok=True)
+        for info in self.fs.get_file_info([f"{self.path}/{name}" for name in names]):
+            if info.type == pyarrow.fs.FileType.File and not (local / info.base_name).exists():
+                with self.fs.open_input_stream(info.path) as source:
+                    (local / info.base_name).write_bytes(source.read())
+
+
+def place(storage: str, name: str) -> Place:
+    """STORAGE/NAME, checked: a directory inside a local storage dir, or a reachable URI."""
+    from toolbox.distributed.storage import filesystem_for
+
+    if not is_uri(storage):
+        path = local_dir(storage, name)
+        return Place(filesystem_for(str(path)), str(path.parent), str(path), path, remote=False)
+    check_name(name)
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowInvalid, OSError, ValueError) as exc:
+        raise ConfigError(f"--storage {storage}: {' '.join(str(exc).split())[:300]}") from None
+    root = root.rstrip("/")
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise ConfigError(f"--storage {storage}: cannot reach it ({' '.join(str(exc).split())[:300]})") from None
+    if info.type == pyarrow.fs.FileType.File:
+        raise ConfigError(f"--storage {storage}: is a file, not a directory")
+    staging = Path(tempfile.gettempdir()) / "toolbox-staging" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{storage}/{name}")[:200]
+    return Place(fs, root, f"{root}/{name}", staging, remote=True)

@@ -9,6 +9,10 @@ renamed over the real name when closed, so a reader only ever sees a previous ve
 Tune also writes its experiment state in place in a local staging dir while a background thread
 may be copying that same file to storage, so a copy can be whole yet empty or cut short. Tune's
 state files are therefore published only when they parse; otherwise the previous version stays.
+
+Ray deletes a trial's older checkpoints while the last published experiment snapshot may still
+name one, so a driver killed in between restored a trial from a deleted checkpoint. Deletions of
+checkpoint dirs therefore wait until no published record can name them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import io
 import json
 import os
 import pickletools
+import shutil
 import uuid
 
 import pyarrow
@@ -42,6 +47,32 @@ def _is_whole_pickle(data: bytes) -> bool:
 
 
 STATE_FILES = {"experiment_state-*.json": _parses_as_json, "searcher-state-*.pkl": _is_whole_pickle}
+# Checkpoint dirs Ray has deleted, held back while a published record may still name them: path ->
+# how many experiment snapshots were published since. Train writes its record before it deletes,
+# so its next record frees them; Tune saves a snapshot, uploads it in the background, and may
+# delete meanwhile, so only the second snapshot published after a deletion is sure not to name it.
+_deferred: dict[str, int] = {}
+
+
+def _published(path: str) -> None:
+    name, directory = os.path.basename(path), os.path.dirname(path)
+    if name == "checkpoint_manager_snapshot.json":
+        freed = [p for p in _deferred if os.path.dirname(p.rstrip("/")) == directory]
+    elif fnmatch.fnmatch(name, "experiment_state-*.json"):
+        for p in _deferred:
+            _deferred[p] += 1
+        freed = [p for p, seen in _deferred.items() if seen >= 2]
+    else:
+        return
+    for p in freed:
+        shutil.rmtree(p, ignore_errors=True)
+        del _deferred[p]
+
+
+def delete_deferred() -> None:
+    """Carry out the held-back deletions (once nothing runs that a record could still send back to them)."""
+    while _deferred:
+        shutil.rmtree(_deferred.popitem()[0], ignore_errors=True)
 
 
 def _whole(path: str, data_path: str) -> bool:
@@ -92,6 +123,7 @@ class _RenamedOnClose(io.FileIO):
                 os.remove(self._temporary)
             else:
                 os.replace(self._temporary, self._final)  # atomic on POSIX
+                _published(self._final)
 
 
 class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
@@ -125,6 +157,9 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
         self._local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
+        if os.path.basename(path.rstrip("/")).startswith("checkpoint_"):
+            _deferred.setdefault(path, 0)
+            return
         self._local.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:

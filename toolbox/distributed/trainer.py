@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from toolbox.distributed.storage import filesystem_for
+from toolbox.distributed.locations import Place
 from toolbox.training.epochlog import EpochLog
 
 
@@ -29,22 +28,34 @@ def train_worker(loop_config: dict) -> None:
     import torch
 
     from toolbox.data.tensors import TensorData
+    from toolbox.distributed.live_metrics import LiveMetrics
+    from toolbox.training.epochlog import format_row
     from toolbox.training.loop import train
     from toolbox.training.session import train_session
 
     torch.set_num_threads(loop_config["threads"])
     data = TensorData.from_shared(ray.get(loop_config["data"]))
-    train(loop_config["config"], data, train_session(), loop_config["resume_from"])
+    session = train_session()
+    if session.rank == 0:  # one worker's epoch lines in its log, and its numbers as Ray metrics
+        report, live = session.report, LiveMetrics(**loop_config["live_tags"])
+
+        def report_and_show(metrics: dict, checkpoint_dir: str | None) -> None:
+            print(format_row(metrics, loop_config["config"]["epochs"]), flush=True)
+            live.record(metrics)
+            report(metrics, checkpoint_dir)
+
+        session.report = report_and_show
+    train(loop_config["config"], data, session, loop_config["resume_from"])
 
 
-def epoch_log_callback(run_dir: Path, epochs: int):
+def epoch_log_callback(where: Place, epochs: int, hparams: dict | None):
     """A Ray Train callback, run in the controller on the driver's node, that writes the epoch table."""
     from ray.train import UserCallback
 
     class EpochLogCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if not hasattr(self, "log"):
-                self.log = EpochLog(run_dir, epochs)
+                self.log = EpochLog(where.local, epochs, hparams, mirror=where.mirror)
             self.log.append(metrics[0])
 
     return EpochLogCallback()
@@ -56,14 +67,16 @@ def torch_trainer(
     workers: Workers,
     *,
     name: str,
-    storage: Path,
-    epoch_log_dir: Path,
+    storage: Place,
     resume_from: str | None = None,
     callbacks: tuple = (),
     max_failures: int = 0,
+    hparams: dict | None = None,
+    live_tags: dict | None = None,
 ):
     """A TorchTrainer of ``workers`` running the training loop on the shared dataset ``data_ref``.
 
+    ``storage`` is the dir of the run (``storage.path``, in ``storage.fs``, holds Ray's ``name`` dir).
     It keeps the latest checkpoint and the best by val loss. Re-fitting one with the same name and
     storage resumes from its latest checkpoint, which is how runs and trials continue."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -72,16 +85,55 @@ def torch_trainer(
     resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if workers.gpus else {})
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "data": data_ref, "resume_from": resume_from, "threads": workers.threads},
+        train_loop_config={
+            "config": config,
+            "data": data_ref,
+            "resume_from": resume_from,
+            "threads": workers.threads,
+            "live_tags": live_tags or {"sweep": "", "trial": name},
+        },
         scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
-            storage_filesystem=filesystem_for(storage),
+            storage_path=storage.parent,
+            storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[*callbacks, epoch_log_callback(epoch_log_dir, config["epochs"])],
+            callbacks=[*callbacks, epoch_log_callback(storage, config["epochs"], hparams)],
         ),
     )
+
+
+def fit(trainer):
+    """``trainer.fit()``, raising KeyboardInterrupt on Ctrl-C.
+
+    Train aborts its workers on Ctrl-C and then exits the driver with ``SystemExit(1)``, which reads
+    like any other failure; the SIGINT handler it installs is wrapped to tell the two apart."""
+    import signal
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    interrupted = []
+    register = DataParallelTrainer._register_sigint_handler
+
+    def register_and_watch(self, controller):
+        register(self, controller)
+        handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    DataParallelTrainer._register_sigint_handler = register_and_watch
+    try:
+        return trainer.fit()
+    except SystemExit:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        DataParallelTrainer._register_sigint_handler = register

@@ -59,12 +59,20 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 class EpochLog:
-    """Appends one row per epoch to the run dir's log, CSV and Parquet files."""
+    """Appends one row per epoch to the run dir's log, CSV and Parquet files, and to TensorBoard.
 
-    def __init__(self, run_dir: str | Path, epochs: int | None = None):
+    TensorBoard gets each number as a scalar per epoch and, once per run dir, ``hparams`` as the
+    HParams summary, so its HParams tab lines the runs of a sweep up against their metrics."""
+
+    def __init__(self, run_dir: str | Path, epochs: int | None = None, hparams: dict | None = None, mirror=None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.epochs = epochs
+        self.hparams = hparams
+        self.mirror = mirror  # a Mirror under the storage URI, when the run's dir is not local
+        self._board = None
+        if mirror is not None:
+            mirror.pull(self.run_dir, (LOG_FILE, CSV_FILE, PARQUET_FILE))
         self.rows = read_rows(self.run_dir)  # a resumed run appends to what is there
         path = self.run_dir / LOG_FILE
         self.logged = {int(e) for e in _LOGGED_EPOCH.findall(path.read_text(errors="replace"))} if path.exists() else set()
@@ -72,6 +80,12 @@ class EpochLog:
     def log(self, message: str) -> None:
         with open(self.run_dir / LOG_FILE, "a") as f:
             f.write(f"{logging.Formatter().formatTime(logging.makeLogRecord({}))} {message}\n")
+        self._push(LOG_FILE)
+
+    def _push(self, *names: str) -> None:
+        if self.mirror is not None:
+            for name in names:
+                self.mirror.push(self.run_dir, name)
 
     def append(self, metrics: dict) -> str:
         row = table_row(metrics)
@@ -82,7 +96,32 @@ class EpochLog:
             self.log(line)
             self.logged.add(row["epoch"])
         self._write([r for r in self.rows if r["epoch"] < row["epoch"]] + [row])
+        self._to_tensorboard(row)
         return line
+
+    def _to_tensorboard(self, row: dict) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is not installed: the tables are enough
+            return
+        if self._board is None:
+            first = not any(self.run_dir.glob("events.out.tfevents.*"))
+            self._board = SummaryWriter(str(self.run_dir))
+            if first and self.hparams is not None:
+                self._write_hparams(row)
+        for key, value in row.items():
+            if key != "epoch":
+                self._board.add_scalar(key, value, global_step=row["epoch"])
+        self._board.flush()
+        self._push(*(p.name for p in self.run_dir.glob("events.out.tfevents.*")))
+
+    def _write_hparams(self, row: dict) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        shown = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.hparams.items() if v is not None}
+        measured = {k: 0.0 for k in row if k.startswith("val_") or k == "train_loss"}
+        for summary in hparams(shown, measured):
+            self._board.file_writer.add_summary(summary)
 
     def backfill(self, history: list[dict]) -> None:
         """Add the rows of a checkpoint's history that the table lacks (a run killed between the two writes)."""
@@ -112,11 +151,19 @@ class EpochLog:
         pq.write_table(pa.Table.from_pylist(rows), parquet)
         replace_file(self.run_dir / PARQUET_FILE, parquet.getvalue().to_pybytes())
         replace_file(self.run_dir / CSV_FILE, text.getvalue().encode())
+        self._push(PARQUET_FILE, CSV_FILE)
         self.rows = rows
 
 
-def read_rows(run_dir: str | Path) -> list[dict]:
-    """The epoch table; a damaged Parquet file falls back to the CSV beside it, then to nothing."""
+def read_rows(run_dir: str | Path, fs=None) -> list[dict]:
+    """The epoch table; a damaged Parquet file falls back to the CSV beside it, then to nothing.
+
+    ``fs`` (a pyarrow filesystem) reads a run dir under a storage URI."""
+    if fs is not None:
+        try:
+            return pq.read_table(f"{run_dir}/{PARQUET_FILE}", filesystem=fs).to_pylist()
+        except (OSError, pa.ArrowException):
+            return []
     path = Path(run_dir) / PARQUET_FILE
     if not path.is_file():
         return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolbox.training.builders import lr_schedule
-from toolbox.training.epochlog import read_rows
 from toolbox.tuning.sweepfile import Sweep
 
 
@@ -20,7 +19,7 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     plots.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5))
     for rank, row in enumerate(rows):
-        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        history = row["history"]
         if history and sweep.metric in history[0]:
             ax.plot(
                 [h["epoch"] for h in history],
@@ -40,7 +39,7 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     peak = 0.0
     for rank, row in enumerate(rows[:top]):
-        history = read_rows(row["trial_dir"]) if row["trial_dir"] else []
+        history = row["history"]
         config = row["config"]
         steps = history[0].get("steps_per_epoch") if history else None
         steps = steps or 100

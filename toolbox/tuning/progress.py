@@ -23,17 +23,9 @@ class Progress(tune.Callback):
         self.started: dict[str, float] = {}
         self.startup_s: dict[str, float] = {}  # Tune starting the trial -> its first training step
         self.last_status = time.time()
-        self.trials: list = []  # Tune's trials, as of the last callback
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.sweep.mode == "max" else a < b)
-
-    def on_step_end(self, iteration, trials, **info):
-        self.trials = trials
-
-    def states(self) -> dict[str, tuple[str, int]]:
-        """Each trial's Tune status and how often its process died and it was retried."""
-        return {t.trial_id: (t.status, t.num_failures) for t in self.trials}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
@@ -71,7 +63,7 @@ class Progress(tune.Callback):
 
     def _line(self, trial, what: str) -> None:
         self.done += 1
-        config = self.sweep.trial_config(trial.config)
+        config = self.sweep.shown_config(trial.config)
         swept = ", ".join(f"{k}={_short(config[k])}" for k in self.sweep.space if k in config)
         best = self.best.get(trial.trial_id)
         log.info(

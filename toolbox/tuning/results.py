@@ -12,10 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from toolbox.config.resolve import KINDS, SELECTORS, all_keys, flag, resolve
-from toolbox.training.epochlog import read_rows
+from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.tuning.sweepfile import Sweep
 
 log = logging.getLogger("toolbox")
@@ -31,10 +32,10 @@ def trial_rows(
     better = max if sweep.mode == "max" else min
     rows = []
     for result in result_grid:
-        history = read_rows(result.path) if result.path else []  # the trial's own epoch table
+        history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
         values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
         epochs = int(history[-1]["epoch"]) if history else 0
-        config = sweep.trial_config(result.config or {})
+        config = sweep.shown_config(result.config or {})
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
         match = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
@@ -57,9 +58,10 @@ def trial_rows(
                 "epochs": epochs,
                 "time_s": round(sum(row["epoch_s"] for row in history), 1),
                 "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
-                "checkpoint": _best_checkpoint(result.path, history, sweep),
+                "checkpoint": _best_checkpoint(result, history, sweep),
                 "trial_dir": result.path,
                 "config": config,  # the trial's full run config (a JSON column in the results files)
+                "history": history,  # for the plots; not a column
             }
         )
     sign = -1 if sweep.mode == "max" else 1
@@ -67,21 +69,37 @@ def trial_rows(
     return rows
 
 
+def trial_states(exp) -> dict[str, tuple[str, int]]:
+    """Each trial's status and failure count, as Tune saved them in the sweep dir (a ``Place``): after
+    Ctrl-C, Tune's live trials all read TERMINATED, but its last snapshot still has the interrupted
+    ones RUNNING or PENDING."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(exp.path, storage_filesystem=exp.fs).trials
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("no trial states in %s: %s", exp.path, exc)
+        return {}
+    return {t.trial_id: (t.status, t.num_failures) for t in trials}
+
+
 def swept_keys(sweep: Sweep) -> list[str]:
     """The results columns of the swept keys, in the registry's order."""
     return [key for key in all_keys() if key in sweep.space]
 
 
-def _best_checkpoint(trial_dir: str | None, history: list[dict], sweep: Sweep) -> str | None:
+def _best_checkpoint(result, history: list[dict], sweep: Sweep) -> str | None:
     """The kept checkpoint (Tune's, or a Train-in-Tune trial's own) whose epoch scored best."""
-    if not trial_dir:
+    if not result.path:
         return None
     score = {row["epoch"]: row.get(sweep.metric) for row in history}
-    kept = []
-    for meta in Path(trial_dir).rglob("meta.json"):
-        value = score.get(json.loads(meta.read_text())["epoch"])
-        if value is not None:
-            kept.append((value if sweep.mode == "max" else -value, str(meta.parent)))
+    fs, kept = result.filesystem, []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(result.path, recursive=True, allow_not_found=True)):
+        if info.base_name == "meta.json":
+            with fs.open_input_stream(info.path) as meta:
+                value = score.get(json.loads(meta.read())["epoch"])
+            if value is not None:
+                kept.append((value if sweep.mode == "max" else -value, info.path.rsplit("/", 1)[0]))
     return max(kept)[1] if kept else None
 
 
@@ -89,15 +107,22 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
+def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | None:
     """results.parquet/.csv, best.json and plots; returns best.json's content."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         return None
-    table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows])
-    pq.write_table(table, out_dir / "results.parquet")
-    pacsv.write_csv(table, out_dir / "results.csv")
+    columns = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items() if k != "history"} for r in rows]
+    table = pa.Table.from_pylist(columns)
+    for name, writer in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
+        buffer = pa.BufferOutputStream()
+        writer(table, buffer)
+        replace_file(out_dir / name, buffer.getvalue().to_pybytes())
+        if mirror is not None:
+            mirror.push(out_dir, name)
     best = rows[0]
+    if math.isnan(best[sweep.metric]):  # no trial reported the metric: nothing to re-train
+        return None
     config = best["config"]
     summary = {
         "trial_id": best["trial_id"],
@@ -109,11 +134,16 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path) -> dict | None:
         "config": config,
         "command": retrain_command(config, f"{sweep.name}-best"),
     }
-    (out_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+    replace_file(out_dir / "best.json", json.dumps(summary, indent=2, default=str).encode())
+    if mirror is not None:
+        mirror.push(out_dir, "best.json")
     try:
         from toolbox.tuning.plots import plot
 
         plot(rows, sweep, out_dir)
+        if mirror is not None:
+            for name in ("plots/val_metric.png", "plots/lr_schedule.png"):
+                mirror.push(out_dir, name)
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the results
         log.warning("plots skipped: %s", exc)
     return summary

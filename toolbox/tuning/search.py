@@ -9,31 +9,6 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from toolbox.tuning.sweepfile import Sweep
 
 
-def snapshot_after_every_change() -> None:
-    """Tune snapshots the sweep (experiment state, searcher and scheduler) after every controller
-    step; toolbox sets the period to 0 so that a killed driver loses no finished trial. Most steps
-    change nothing, and their identical snapshots cost the driver CPU that the trials need. This
-    skips a snapshot when no trial was added, changed status or reported since the last one;
-    forced snapshots still run."""
-    from ray.tune.execution.tune_controller import TuneController
-
-    save = TuneController.checkpoint
-    if getattr(save, "toolbox_skips_unchanged", False):
-        return
-
-    def checkpoint(self, force: bool = False, wait: bool = False):
-        state = [(t.trial_id, t.status, t.last_result.get("training_iteration")) for t in self._trials]
-        forced = force or getattr(self._checkpoint_manager, "_should_force_sync_up", True)
-        if not forced and state == getattr(self, "_toolbox_snapshot_state", None):
-            return None
-        saved = save(self, force=force, wait=wait)
-        self._toolbox_snapshot_state = state  # only once saved: a failed snapshot is not skipped next time
-        return saved
-
-    checkpoint.toolbox_skips_unchanged = True
-    TuneController.checkpoint = checkpoint
-
-
 def search_algorithm(sweep: Sweep, max_concurrent: int):
     """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9)."""
     seed = sweep.base.get("seed", 0)

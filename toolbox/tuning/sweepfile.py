@@ -103,6 +103,13 @@ class Sweep:
         """A trial's full run config from its sampled params (keys its components don't take are dropped)."""
         return resolve(pick_per_component({**self.base, **params, "epochs": self.epochs}), strict=False)
 
+    def shown_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``trial_config``, or for a trial whose values were refused (it errored), its values as drawn."""
+        try:
+            return self.trial_config(params)
+        except ConfigError:
+            return pick_per_component({**self.base, **params, "epochs": self.epochs})
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
 FIELD_RULES = typing.get_type_hints(Sweep, include_extras=True)

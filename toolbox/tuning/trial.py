@@ -7,6 +7,7 @@ Tune through ``TuneReportCallback`` (Ray 2.60's Train-in-Tune pattern).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +15,56 @@ import torch
 
 from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
+from toolbox.distributed.live_metrics import LiveMetrics
+from toolbox.distributed.locations import Place
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
+BEST_DIR = "best"
 # Custom resource that the Train-in-Tune trial function holds instead of a CPU (RAY-NOTES trap 8).
 TRAIN_DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
 
 
-def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp_dir: str) -> None:
+def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp: Place) -> None:
     """Tune entry point; ``data`` is ``[ObjectRef]`` of the shared dataset (one copy per node).
 
     Our files go straight to the trial's dir under the sweep's storage: Tune's own trial dir is a
     local staging dir whose files are synced only with checkpoints.
     """
+    import ray
     from ray import tune
 
     config = sweep.trial_config(params)
-    trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
-    epoch_log = EpochLog(trial_dir, config["epochs"])
-    epoch_log.log(f"trial started: {config}")
+    name = Path(tune.get_context().get_trial_dir()).name
+    trial = Place(exp.fs, f"{exp.path}/{name}", f"{exp.path}/{name}", exp.local / name, exp.remote)
+    trial_dir = trial.local
+    epoch_log = EpochLog(trial_dir, config["epochs"], hparams=hparams(sweep, config), mirror=trial.mirror)
+    epoch_log.log(f"trial started on node {ray.get_runtime_context().get_node_id()}: {config}")
     if sweep.trials_in_process:
-        _train_in_process(config, sweep, data[0], epoch_log, trial_dir)
+        _train_in_process(config, sweep, data[0], epoch_log, trial)
     else:
-        _train_with_workers(config, sweep, data[0], trial_dir)
+        _train_with_workers(config, sweep, data[0], trial)
+
+
+def hparams(sweep: Sweep, config: dict) -> dict:
+    """What TensorBoard's HParams view shows for a trial: its components and its swept values."""
+    from toolbox.config.resolve import KINDS
+
+    chosen = {r.selector: config[r.selector] for r in KINDS if not r.many}
+    return chosen | {key: config[key] for key in sweep.space if key in config}
+
+
+def trainable(function, **parameters):
+    """Tune's trainable for ``function``, showing as ``run_trial[<trial name>]`` on the dashboard's Actors page."""
+    from ray import tune
+    from ray.tune.trainable import wrap_function
+
+    class RunTrial(wrap_function(tune.with_parameters(function, **parameters))):
+        def __repr__(self) -> str:
+            return f"run_trial[{self.trial_name}]"
+
+    return RunTrial
 
 
 def _own_latest(trial_dir: Path) -> str | None:
@@ -50,8 +77,29 @@ def _own_latest(trial_dir: Path) -> str | None:
         return None
 
 
-def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial_dir: Path) -> None:
+def _improves(value: float | None, earlier: list[float], mode: str) -> bool:
+    if value is None:
+        return False
+    return not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
+
+
+def _keep_as_best(checkpoint: Path, trial: Place) -> None:
+    """A copy of the trial's best checkpoint so far in best/ (Tune keeps only its latest ones)."""
+    staged, best, old = trial.local / ".best.partial", trial.local / BEST_DIR, trial.local / ".best.old"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(checkpoint, staged)
+    if best.exists():
+        best.rename(old)
+    staged.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    if trial.mirror is not None:
+        for file in best.iterdir():
+            trial.mirror.push(trial.local, f"{BEST_DIR}/{file.name}")
+
+
+def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial: Place) -> None:
     import ray
+    from ray import tune
 
     from toolbox.training.loop import train
     from toolbox.training.session import tune_session
@@ -59,11 +107,19 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session = tune_session(use_gpu=sweep.gpus_per_trial > 0)
     checkpoint = session.latest_checkpoint()
+    trial_dir = trial.local
     exploited = checkpoint is not None and trial_dir.name not in Path(checkpoint.path).parts  # PBT gave another trial's
     report = session.report
 
+    live = LiveMetrics(sweep.name, tune.get_context().get_trial_name())
+
     def report_and_log(metrics: dict, checkpoint_dir: str | None) -> None:
-        epoch_log.append(metrics)  # first: Tune may stop the trial inside report
+        earlier = [row[sweep.metric] for row in epoch_log.rows if row.get(sweep.metric) is not None]
+        # Written before reporting: Tune may stop the trial inside report. The print goes to the actor's log.
+        print(epoch_log.append(metrics), flush=True)
+        live.record(metrics)
+        if checkpoint_dir and _improves(metrics.get(sweep.metric), earlier, sweep.mode):
+            _keep_as_best(Path(checkpoint_dir), trial)
         report(metrics, checkpoint_dir)
 
     def restored(state: dict) -> None:
@@ -76,7 +132,8 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
     train(config, TensorData.from_shared(ray.get(data_ref)), session, None if exploited else _own_latest(trial_dir))
 
 
-def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -> None:
+def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial: Place) -> None:
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from toolbox.distributed.trainer import Workers, torch_trainer
@@ -85,6 +142,13 @@ def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial_dir: Path) -
     workers = Workers(count, sweep.cpus_per_worker, sweep.gpus_per_trial / count)
     # Re-running a trial (sweep resume) re-fits this same run, which resumes from its checkpoint.
     trainer = torch_trainer(
-        config, data_ref, workers, name="train", storage=trial_dir, epoch_log_dir=trial_dir, callbacks=(TuneReportCallback(),)
+        config,
+        data_ref,
+        workers,
+        name="train",
+        storage=trial,
+        callbacks=(TuneReportCallback(),),
+        hparams=hparams(sweep, config),
+        live_tags={"sweep": sweep.name, "trial": tune.get_context().get_trial_name()},
     )
     trainer.fit()

@@ -1,0 +1,50 @@
+"""The private local Ray toolbox starts: loopback only, free ports, a named job, findable trials."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, python_env
+
+LISTENERS = """
+import json, os, psutil, ray
+from toolbox.distributed import cluster
+url = cluster.start(None, job_name="toolbox.run listeners", num_cpus=1)
+ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process listens too
+import urllib.request
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+request = urllib.request.Request(url + "/api/jobs/", headers=get_auth_headers_if_auth_enabled({}))
+jobs = json.loads(urllib.request.urlopen(request, timeout=30).read())
+tree = [psutil.Process()] + psutil.Process().children(recursive=True)
+sockets = []
+for process in tree:
+    try:
+        for c in process.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                sockets.append([process.name(), c.laddr.ip, c.laddr.port])
+    except psutil.NoSuchProcess:
+        pass
+print(json.dumps({"url": url, "sockets": sockets, "names": [j.get("metadata", {}).get("job_name") for j in jobs],
+                  "agent_port": ray._private.worker._global_node.dashboard_agent_listen_port}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_every_port_of_the_local_ray_listens_on_loopback_and_the_job_has_the_runs_name():
+    proc = subprocess.run(
+        [sys.executable, "-c", LISTENERS], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    sockets = seen["sockets"]
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the servers are there, so the check has something to check
+    assert len(sockets) >= 8, sockets
+    public = [s for s in sockets if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not public, f"listening beyond loopback: {public}"
+    assert seen["agent_port"] not in (52365, -1), "the dashboard agent's HTTP port is Ray's fixed default, or off"
+    assert "toolbox.run listeners" in seen["names"]

@@ -1,0 +1,324 @@
+"""Faults injected into real runs and sweeps (SIGKILL of a worker, a trial, the driver; Ctrl-C; a full
+disk): the work finishes, every epoch and trial is kept once, and nothing of the killed Ray lingers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import ROOT, assert_same_weights, latest_state, python_env, train_locally
+
+from toolbox.config.resolve import resolve
+from toolbox.training.builders import build_dataset
+from toolbox.training.epochlog import read_rows
+
+# About half a second an epoch on one thread: long enough to be killed inside one.
+RUN = ["--dummy-n-samples", "4000", "--dummy-val-n-samples", "256", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1"]
+RUN += ["--batch-size", "8", "--epochs", "5", "--seed", "1"]
+
+
+class Cli:
+    """``python -m toolbox.<module> ...`` in a session of its own, its output read line by line."""
+
+    def __init__(self, module: str, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"toolbox.{module}", *args],
+            cwd=ROOT,
+            env=python_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 240) -> str:
+        deadline = time.time() + timeout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if text in line:
+                return line
+            if time.time() > deadline:
+                break
+        raise AssertionError(f"never printed {text!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def processes(self, title: str) -> list[psutil.Process]:
+        found = []
+        for process in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if title in process.name() or title in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.lines) + out
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "toolbox.run", *args], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def logged_epochs(run_dir: Path) -> list[int]:
+    lines = (run_dir / "training.log").read_text().splitlines()
+    return [int(line.split()[3].split("/")[0]) for line in lines if len(line.split()) > 3 and line.split()[2] == "epoch"]
+
+
+def assert_every_epoch_once(run_dir: Path, epochs: int) -> None:
+    assert [int(r["epoch"]) for r in read_rows(run_dir)] == list(range(1, epochs + 1))
+    csv_epochs = [int(line.split(",")[0]) for line in (run_dir / "epochs.csv").read_text().splitlines()[1:]]
+    assert csv_epochs == list(range(1, epochs + 1))
+    assert logged_epochs(run_dir) == list(range(1, epochs + 1)), (run_dir / "training.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The final weights of RUN trained without faults, by the same loop on one thread."""
+    flags = dict(zip(RUN[::2], RUN[1::2]))
+    config = resolve(
+        {
+            "dummy_n_samples": 4000,
+            "dummy_val_n_samples": 256,
+            "ff_hidden_sizes": (32,),
+            "ff_dropout": 0.1,
+            "batch_size": int(flags["--batch-size"]),
+            "epochs": 5,
+            "seed": 1,
+        }
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker with one CPU: the same reductions, the same bits
+    try:
+        path = tmp_path_factory.mktemp("reference")
+        train_locally(config, build_dataset(config), checkpoints=path)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(path / "epoch_5" / "state.pt", weights_only=True)["model"]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_finishes(workers, tmp_path, uninterrupted):
+    cli = Cli("run", *RUN, "--workers", str(workers), "--storage", str(tmp_path), "--name", "killed")
+    cli.wait_for("epoch 2/5")
+    victims = cli.processes("RayTrainWorker")
+    assert len(victims) == workers, [p.name() for p in victims]
+    victims[-1].send_signal(signal.SIGKILL)
+    code, out = cli.finish()
+    assert code == 0, out[-3000:]
+    assert_every_epoch_once(tmp_path / "killed", 5)
+    if workers == 1:  # from the epoch-2 checkpoint, with its RNG: the same weights as without the kill
+        assert_same_weights(latest_state(tmp_path / "killed")["model"], uninterrupted)
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_driver_leaves_no_ray_behind_and_the_same_command_finishes_the_run(tmp_path, uninterrupted):
+    args = [*RUN, "--storage", str(tmp_path), "--name", "driver"]
+    cli = Cli("run", *args)
+    cli.wait_for("epoch 2/5")
+    ray_processes = cli.processes("ray")
+    assert ray_processes, "no Ray processes under the driver"
+    os.kill(cli.proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
+    cli.proc.wait()
+    _, alive = psutil.wait_procs(ray_processes, timeout=45)
+    assert not alive, f"still running after the driver died: {[p.name() for p in alive]}"
+
+    again = run(*args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from epoch" in again.stdout
+    assert_every_epoch_once(tmp_path / "driver", 5)
+    assert_same_weights(latest_state(tmp_path / "driver")["model"], uninterrupted)
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_says_what_is_kept_exits_130_and_the_run_continues(tmp_path, uninterrupted):
+    args = [*RUN, "--storage", str(tmp_path), "--name", "interrupted"]
+    cli = Cli("run", *args)
+    cli.wait_for("epoch 2/5")
+    os.kill(cli.proc.pid, signal.SIGINT)
+    code, out = cli.finish()
+    assert code == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("toolbox.run: interrupted: ") and "keeps epochs 1-" in last and "re-run the same command" in last
+    assert "Traceback" not in out
+
+    again = run(*args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_every_epoch_once(tmp_path / "interrupted", 5)
+    assert_same_weights(latest_state(tmp_path / "interrupted")["model"], uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs: a real filesystem that fills up (mounting needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to the last byte; returns the filler to delete."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.timeout(420)
+def test_a_full_disk_stops_the_run_with_one_line_and_after_freeing_it_the_run_continues(small_disk, uninterrupted):
+    args = [*RUN, "--storage", str(small_disk), "--name", "full"]
+    cli = Cli("run", *args)
+    cli.wait_for("epoch 2/5")
+    filler = fill(small_disk)
+    code, out = cli.finish()
+    assert code == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "the disk is full" in last and "Traceback" not in out, out[-3000:]
+    for state in (small_disk / "full").rglob("state.pt"):  # what is there is whole
+        torch.load(state, weights_only=True)
+
+    filler.unlink()
+    again = run(*args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_every_epoch_once(small_disk / "full", 5)
+    assert_same_weights(latest_state(small_disk / "full")["model"], uninterrupted)
+
+
+SWEEP = """\
+from ray import tune
+base = {"dummy_n_samples": 4000, "dummy_val_n_samples": 256, "ff_hidden_sizes": (32,), "batch_size": 8}
+space = {"lr": tune.grid_search([1e-3, 3e-3])}
+num_samples = 1
+epochs = 4
+trial_scheduler = "fifo"
+max_concurrent = 2
+"""
+
+
+def write_sweep(tmp_path: Path, extra: str = "", name: str = "faults") -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(SWEEP + textwrap.dedent(extra))
+    return path
+
+
+def trial_dirs(exp_dir: Path) -> list[Path]:
+    return sorted(exp_dir.glob("run_trial_*"))
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it(tmp_path):
+    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 12000\n')
+    cli = Cli("sweep", str(path), "--storage", str(tmp_path))
+    exp_dir = tmp_path / "faults"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(2 in logged_epochs(d) for d in trial_dirs(exp_dir) if (d / "training.log").exists()):
+        time.sleep(0.2)
+    victims = cli.processes("Trainable.train")  # the trial actors: with_resources names their class
+    assert victims, "no trial process to kill"
+    victims[0].send_signal(signal.SIGKILL)
+    code, out = cli.finish()
+    assert code == 0, out[-3000:]
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
+    assert sorted(r["retries"] for r in rows) in ([0, 1], [1, 1]), rows
+    assert "retrying it from its latest checkpoint" in out
+    for trial in trial_dirs(exp_dir):
+        assert_every_epoch_once(trial, 4)
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_of_a_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
+    path = write_sweep(tmp_path, 'space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3])}\nmax_concurrent = 1\n')
+    cli = Cli("sweep", str(path), "--storage", str(tmp_path))
+    cli.wait_for("[1/3]")
+    os.kill(cli.proc.pid, signal.SIGINT)
+    code, out = cli.finish()
+    assert code == 130, out[-3000:]
+    assert "interrupted" in out.strip().splitlines()[-1] and "re-run the same command" in out.strip().splitlines()[-1]
+    rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
+    assert "interrupted" in {r["status"] for r in rows} or len(rows) < 3, rows
+    again = subprocess.run(
+        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
+    for trial in trial_dirs(tmp_path / "faults"):
+        assert_every_epoch_once(trial, 4)
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
+    """One trial's weight decay comes from sample_from (unchecked before Ray) and is refused in the trial."""
+    path = write_sweep(
+        tmp_path,
+        """\
+        space = {"lr": tune.grid_search([1e-3, 2e-3]),
+                 "weight_decay": tune.sample_from(lambda spec: -1.0 if spec.config.lr > 1.5e-3 else 0.0)}
+        max_failures = 0
+        epochs = 1
+        """,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 of 2 trials errored" in done.stderr.strip().splitlines()[-1]
+    rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["done", "error"]
+
+
+@pytest.mark.timeout(420)
+def test_the_retrain_command_reproduces_its_trial_exactly(tmp_path):
+    """batch size, seed and every other non-default key are on the command: the weights are the trial's."""
+    path = write_sweep(tmp_path, 'space = {"lr": tune.grid_search([2e-3])}\nepochs = 2\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path), "--seed", "3", "--batch-size", "32"],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    best = json.loads((tmp_path / "faults" / "best.json").read_text())
+    command = best["command"].split()
+    assert "--seed" in command and "--batch-size" in command and command[:3] == ["python", "-m", "toolbox.run"]
+    again = run(*command[3:], "--storage", str(tmp_path / "retrained"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trial = torch.load(Path(best["checkpoint"]) / "state.pt", weights_only=True)
+    assert trial["epoch"] == 2
+    assert_same_weights(latest_state(tmp_path / "retrained")["model"], trial["model"])

@@ -1,0 +1,90 @@
+"""Fixes to Ray Tune 2.60's driver, each through one private hook, each installed once and skipped if the hook is gone.
+
+- Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take.
+- Staging race: Tune rewrites its local staging dir while a background thread is still uploading
+  it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
+- Interruption: Tune catches Ctrl-C and returns from ``fit()`` as if the sweep had finished, marking
+  the running trials TERMINATED; keep its event so the driver can tell.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("toolbox")
+_interrupted: list = []  # Tune's interruption events, one per fit()
+
+
+def install() -> None:
+    for fix in (snapshot_after_every_change, wait_for_the_previous_upload, keep_the_interruption_event):
+        try:
+            fix()
+        except (ImportError, AttributeError) as exc:  # another Ray version: run without the fix
+            log.debug("Tune fix %s not installed: %s", fix.__name__, exc)
+
+
+def snapshot_after_every_change() -> None:
+    """Tune snapshots the sweep (experiment state, searcher and scheduler) after every controller
+    step; toolbox sets the period to 0 so that a killed driver loses no finished trial. Most steps
+    change nothing, and their identical snapshots cost the driver CPU that the trials need. This
+    skips a snapshot when no trial was added, changed status or reported since the last one;
+    forced snapshots still run."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    save = TuneController.checkpoint
+    if getattr(save, "toolbox_skips_unchanged", False):
+        return
+
+    def checkpoint(self, force: bool = False, wait: bool = False):
+        state = [(t.trial_id, t.status, t.last_result.get("training_iteration")) for t in self._trials]
+        forced = force or getattr(self._checkpoint_manager, "_should_force_sync_up", True)
+        if not forced and state == getattr(self, "_toolbox_snapshot_state", None):
+            return None
+        saved = save(self, force=force, wait=wait)
+        self._toolbox_snapshot_state = state  # only once saved: a failed snapshot is not skipped next time
+        return saved
+
+    checkpoint.toolbox_skips_unchanged = True
+    TuneController.checkpoint = checkpoint
+
+
+def wait_for_the_previous_upload() -> None:
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
+
+    save = manager.sync_up_experiment_state
+    if getattr(save, "toolbox_waits", False):
+        return
+
+    def sync_up_experiment_state(self, save_fn, force: bool = False, wait: bool = False):
+        due = force or self._should_force_sync_up or time.monotonic() - self._last_save_time >= self._checkpoint_period
+        if due and self._storage is not None and self._storage.syncer is not None:
+            try:
+                self._storage.syncer.wait()
+            except Exception as exc:  # noqa: BLE001 - that upload is retried by the next one
+                log.debug("the previous experiment-state upload failed (%s); uploading again", exc)
+        return save(self, save_fn, force=force, wait=wait)
+
+    sync_up_experiment_state.toolbox_waits = True
+    manager.sync_up_experiment_state = sync_up_experiment_state
+
+
+def keep_the_interruption_event() -> None:
+    import ray.tune.tune as tune_module
+
+    setup = tune_module._setup_signal_catching
+    if getattr(setup, "toolbox_keeps", False):
+        return
+
+    def _setup_signal_catching():
+        event = setup()
+        _interrupted.append(event)
+        return event
+
+    _setup_signal_catching.toolbox_keeps = True
+    tune_module._setup_signal_catching = _setup_signal_catching
+
+
+def was_interrupted() -> bool:
+    """Whether the last ``fit()`` ended on Ctrl-C (or SIGUSR1)."""
+    return bool(_interrupted) and _interrupted[-1].is_set()
