@@ -34,3 +34,15 @@ def ray_never_starts(monkeypatch) -> None:
         raise RayStarted(f"toolbox.distributed.cluster.start{args} was called")
 
     monkeypatch.setattr(toolbox.distributed.cluster, "start", start)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

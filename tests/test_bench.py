@@ -29,16 +29,18 @@ def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((out / "bench.json").read_text())["rows"]
     figures = [row["figure"] for row in rows]
-    assert len(figures) == 5, figures
+    assert len(figures) == 6, figures
     assert any("plain PyTorch loop" in f and "1 thread" in f for f in figures)
     assert any("`toolbox.run` vs the original" in f for f in figures)
+    bare = next(r for r in rows if "vs the bare float32 loop (train + val)" in r["figure"])
+    assert bare["target"] == "<= 1.15", bare
     mixed = next(r for r in rows if "--precision bf16-mixed" in r["figure"])
-    assert mixed["target"] == "report" and "at 32-true" in mixed["note"], mixed
+    assert mixed["target"] == "report" and "at 32-true" in mixed["note"] and "CPU bfloat16 units:" in mixed["note"], mixed
     for row in rows:
         assert row["toolbox"] > 0 and row["baseline"] > 0, row
         assert math.isclose(row["ratio"], row["toolbox"] / row["baseline"]), row
         assert f"| {row['figure']} |" in done.stdout  # the markdown table carries every row
-    assert "rebuilt" in next(r["note"] for r in rows if "the original" in r["figure"] and r["target"] != "report")
+    assert "rebuilt" in next(r["note"] for r in rows if "`toolbox.run` vs the original" in r["figure"])
 
 
 def fake_original(checkout: Path, body: str) -> Path:

@@ -108,6 +108,8 @@ def assert_same_checkpoint(fused: Path, unfused: Path) -> None:
     assert a["scheduler"] == b["scheduler"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert (a["epoch"], a["global_step"], a["config"]) == (b["epoch"], b["global_step"], b["config"])
+    assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-5)
+    assert_same_rows(a["history"], b["history"])
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS.names())
@@ -136,16 +138,17 @@ def test_dropout_masks_are_the_unfused_dropouts():
 
 
 def test_a_stopped_member_leaves_and_the_others_train_on_unchanged(tmp_path):
-    """Member 1 is stopped after epoch 1 (its report raises StopMember), member 2 ends after its own 2 epochs."""
+    """Member 1 is stopped after epoch 1 (its report raises StopMember); member 2 (SGD without momentum) ends
+    after its own 2 epochs."""
     configs = member_configs("sgd", "cosine_annealing_lr")
-    configs[2] = resolve({"epochs": 2}, base=configs[2])
+    configs[2] = resolve({"epochs": 2, "momentum": 0.0}, base=configs[2])
     data = build_dataset(configs[0])
     fused = train_fused(configs, data, tmp_path / "fused", stop_after={1: 1})
-    unfused = [train_locally(config, data) for config in configs]
-    assert [r["epoch"] for r in fused[1]] == [1]
+    unfused = [train_locally(config, data, checkpoints=tmp_path / f"unfused_{k}") for k, config in enumerate(configs)]
     assert [[r["epoch"] for r in rows] for rows in fused] == [[1, 2, 3], [1], [1, 2]]
-    for k in range(3):
-        assert_same_rows(fused[k], unfused[k][: len(fused[k])])
+    for k, last in enumerate((3, 1, 2)):
+        assert_same_rows(fused[k], unfused[k][:last])
+        assert_same_checkpoint(tmp_path / "fused" / str(k) / f"epoch_{last}", tmp_path / f"unfused_{k}" / f"epoch_{last}")
 
 
 def test_members_join_at_epoch_boundaries_fresh_or_from_a_checkpoint(tmp_path):

@@ -204,3 +204,15 @@ def test_an_exploited_checkpoint_continues_with_the_exploiting_trials_values(tes
     assert [r["epoch"] for r in rows] == [3]
     assert rows[0]["lr"] == pytest.approx(2.5e-4 * 0.5)  # the donor's lr where it was, at the exploiter's ratio
     assert _saved_hyperparameters(tmp_path / "exploiting" / "epoch_3") == pytest.approx((0.8, 0.9))
+
+
+def test_bf16_units_are_read_from_cpuinfo(tmp_path):
+    """The one-line bf16 warning's test: a CPU listing neither AMX nor AVX512-BF16 has none."""
+    from toolbox.training.loop import cpu_bf16_units
+
+    with_units, without = tmp_path / "with", tmp_path / "without"
+    with_units.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    without.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_bf16_units(str(with_units)) == "amx_bf16, avx512_bf16"
+    assert cpu_bf16_units(str(without)) is None
+    assert cpu_bf16_units(str(tmp_path / "missing")) is None

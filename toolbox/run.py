@@ -24,6 +24,7 @@ from toolbox.distributed.trainer import fit as fit_interruptibly
 from toolbox.training.builders import build_dataset, check_against_data, check_components
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
+from toolbox.training.loop import warn_if_bf16_is_slow
 
 log = logging.getLogger("toolbox")
 
@@ -117,6 +118,7 @@ def prepare(argv: list[str] | None) -> Plan:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
     check_against_data(config, model, data)
+    warn_if_bf16_is_slow(config, args.use_gpu)
     if args.address:
         check_address(args.address)
     else:

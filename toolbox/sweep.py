@@ -27,8 +27,10 @@ from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_addre
 from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components
 from toolbox.training.epochlog import replace_file
+from toolbox.training.loop import warn_if_bf16_is_slow
 from toolbox.tuning import results
-from toolbox.tuning.sweepfile import FIELDS, Sweep, check_trials, load
+from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
+from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 
 log = logging.getLogger("toolbox")
@@ -56,6 +58,7 @@ def build_parser() -> Parser:
     fields.add_argument(
         "--max-failures", type=int, help="retries of a trial whose process dies, from its checkpoint (default: 2)"
     )
+    fields.add_argument("--fuse", type=int, help="train up to K one-worker trials as one stacked model per device (default: off)")
     fields.add_argument(
         "--in-process",
         action=argparse.BooleanOptionalAction,
@@ -105,7 +108,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
 
 def _holds_a_sweep_or_nothing(exp: Place) -> bool:
     entries = exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True))
-    names = {info.base_name for info in entries} - {LOCK_FILE}
+    names = {info.base_name for info in entries} - {LOCK_FILE, "ray_session.json"}  # what a start that failed leaves
     return not names or any(n.startswith("experiment_state-") or n == "results.parquet" for n in names)
 
 
@@ -117,6 +120,18 @@ def _empty(exp: Place) -> None:
         exp.fs.delete_dir(info.path) if info.type == pyarrow.fs.FileType.Directory else exp.fs.delete_file(info.path)
     if exp.remote and exp.local.exists():
         shutil.rmtree(exp.local)
+
+
+def _fall_back_unless_fusable(sweep: Sweep, spec, address: str | None) -> None:
+    """``fuse`` only where every trial can fuse; else each trial runs in its own process, said in one line."""
+    from toolbox.training.fused import fusable
+
+    reason = "it needs the private local Ray (its worker holds a custom resource)" if address else None
+    for params in candidate_params(sweep.space):
+        reason = reason or fusable([sweep.trial_config(params)], spec)
+    if reason:
+        log.info("fuse = %d: trials cannot fuse (%s); each trial runs in its own process", sweep.fuse, reason)
+        sweep.fuse = 0
 
 
 def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
@@ -182,6 +197,10 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     data = build_dataset(config)
     check_trials(sweep, data.spec, args.sweep_file)
     check_against_data(config, check_components(config, data.spec), data)
+    if any(sweep.trial_config(p)["precision"] == "bf16-mixed" for p in candidate_params(sweep.space)):
+        warn_if_bf16_is_slow({"precision": "bf16-mixed"}, sweep.gpus_per_trial > 0)
+    if sweep.trials_fused:
+        _fall_back_unless_fusable(sweep, data.spec, args.address)
     exp = args.exp
     exp_dir = exp.local
     args.lock = DirLock(exp_dir, "sweep")
@@ -197,17 +216,23 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         verbose=args.verbose,
         dashboard=args.dashboard,
         dashboard_host=args.dashboard_host,
-        extra_resources={TRAIN_DRIVER_RESOURCE: 1000},
+        extra_resources={TRAIN_DRIVER_RESOURCE: 1000, FUSED_SLOT: 1000},
     )
     cluster.announce(url, args.dashboard_host)
     cluster.describe_session(exp_dir, url)
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if sweep.trials_in_process:
+    data_ref = ray.put(data.to_shared())
+    if sweep.trials_fused:  # the trial only relays its member's epochs; the worker holds the device
+        trial_resources = {FUSED_SLOT: 1}
+        args.fused_workers = start_workers(sweep, data_ref, cpus, gpus)
+        seats = len(args.fused_workers) * sweep.fuse
+        sweep.max_concurrent = min(sweep.max_concurrent or seats, seats)
+    elif sweep.trials_in_process:
         trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
     else:  # the trial function only drives its TorchTrainer's workers
         trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
-    trial = tune.with_resources(trainable(run_trial, sweep=sweep, data=[ray.put(data.to_shared())], exp=exp), trial_resources)
+    trial = tune.with_resources(trainable(run_trial, sweep=sweep, data=[data_ref], exp=exp), trial_resources)
     progress = Progress(sweep)
     started = time.time()
     log.info(

@@ -30,9 +30,10 @@ from toolbox.training.session import local_session
 ORIGINAL_DROPOUT = 0.1  # the original FFNN's, fixed (no flag)
 
 
-def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
-    """Seconds for one training epoch of a bare loop: data pre-normalized, batched by index with
-    ``index_select`` (on CPU a third of ``x[index]``'s time), so toolbox's loop gets no head start."""
+def plain_epoch(config: dict, data: TensorData, device: str = "cpu", validate: bool = False) -> float:
+    """Seconds for one training epoch of a bare loop (with ``validate``, then a pass over the val set
+    computing loss and top-1 as toolbox's epoch does): data pre-normalized, batched by index with
+    ``index_select``, so toolbox's loop gets no head start."""
     torch.manual_seed(config["seed"])
     model = build_model(config, data.spec).to(device)
     optimizer = build_optimizer(config, model.parameters())
@@ -47,6 +48,14 @@ def plain_epoch(config: dict, data: TensorData, device: str = "cpu") -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if validate:
+        model.eval()
+        val_x, val_y = data.normalize(data.val_x).to(device), data.val_y.to(device)
+        with torch.no_grad():
+            for i in range(0, len(val_y), 2048):
+                logits = model(val_x[i : i + 2048])
+                loss_fn(logits, val_y[i : i + 2048]).item()
+                (logits.argmax(1) == val_y[i : i + 2048]).sum().item()
     _sync(device)
     return time.perf_counter() - started
 

@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from toolbox.data.tensors import DataSpec, TensorData
 from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
 from toolbox.training.fused_model import StackedModel, layout, no_stacked_form
 from toolbox.training.fused_optim import StackedOptimizer, member_moments, member_state_dict, no_stacked_step
-from toolbox.training.loop import EVAL_BATCH, _report, _restore_state
+from toolbox.training.loop import EVAL_BATCH, report_epoch, restore_state
 from toolbox.training.resume import restore_optimization
 from toolbox.training.session import Session
 
@@ -39,7 +39,7 @@ SHARED_KEYS = ("arch", "dataset", "batch_size", "optimizer")  # besides the mode
 
 
 class StopMember(Exception):
-    """Raised by a member's ``session.report``: that member leaves the group after this report."""
+    """Raised by a member's ``session.report`` to take it out of the group; the epoch counts as reported."""
 
 
 def _shared_keys(config: dict) -> list[str]:
@@ -48,11 +48,18 @@ def _shared_keys(config: dict) -> list[str]:
     return [*SHARED_KEYS, *model_keys, *(p.key for p in DATASETS[config["dataset"]].params)]
 
 
+def group_key(config: dict) -> tuple:
+    """Configs with equal keys here can share one stack."""
+    return tuple(repr(config.get(key)) for key in _shared_keys(config)) + (config["precision"],)
+
+
 def fusable(configs: list[dict], spec: DataSpec | None = None) -> str | None:
     """None if ``configs`` can train as one fused group, else a one-line reason why not.
 
     Given the data's ``spec``, the models are built too (on the meta device: no memory, no RNG
     draws) and their layers compared and checked for stacked forms; a group always checks that."""
+    if not configs:
+        return None
     first = configs[0]
     for config in configs[1:]:
         for key in _shared_keys(first):
@@ -84,7 +91,7 @@ def _unstackable_models(configs: list[dict], spec: DataSpec) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(eq=False)  # members are told apart by identity
 class Member:
     """One trial of a group: what the unfused loop keeps for its run. Weights and moments live in the stack."""
 
@@ -102,6 +109,7 @@ class Member:
     global_step: int = 0
     best_val_loss: float = math.inf
     first_step_time: float | None = None
+    history: list = field(default_factory=list)  # its rows so far, carried in its checkpoints
     unstacked: tuple | None = None  # (weights, moments, optimizer steps) until it joins the stack
 
 
@@ -117,6 +125,7 @@ class FusedGroup:
     Sessions must be single-process (rank 0 of 1) on one device."""
 
     def __init__(self, data: TensorData, members: Iterable[tuple[dict, Session]] = ()):
+        torch.set_flush_denormal(True)  # as loop.train does first: OpenMP threads started from here on inherit it
         self.data, self.device = data, None
         self.members: list[Member] = []  # in the stack's order
         self.joining: list[Member] = []
@@ -158,7 +167,7 @@ class FusedGroup:
 
     def train_epoch(self) -> None:
         """The next epoch of every member (joining ones first join), reported per member; then finished and stopped ones leave."""
-        torch.set_flush_denormal(True)  # as in loop.train: subnormal moments are slow on x86
+        torch.set_flush_denormal(True)  # subnormal moments are slow on x86 (loop.train); the calling thread may be new
         if self.joining:
             self._restack([*self.members, *self.joining])
         if not self.members:
@@ -169,11 +178,10 @@ class FusedGroup:
         train_seconds = time.perf_counter() - started
         vals = self._evaluate()
         epoch_seconds = time.perf_counter() - started
-        leaving = []
+        leaving, n = [], len(self.data.train_y)
         for k, member in enumerate(self.members):
             member.epoch += 1
             member.best_val_loss = min(member.best_val_loss, vals[k]["val_loss"])
-            n = len(self.data.train_y)
             row = {
                 "epoch": member.epoch,
                 "lr": lrs[k],
@@ -185,8 +193,10 @@ class FusedGroup:
                 "steps_per_epoch": self.steps_per_epoch,
                 "first_step_time": member.first_step_time,
             }
+            state = self._checkpoint(k, row)
+            member.history = state["history"]
             try:
-                _report(member.session, row, self._checkpoint(k, row))
+                report_epoch(member.session, row, state)
             except StopMember:
                 leaving.append(member)
                 continue
@@ -199,7 +209,7 @@ class FusedGroup:
         """As ``loop.train`` sets a run up: the same seeds, builders and restored state."""
         torch.manual_seed(config["seed"])  # the unfused run's initial weights
         model = build_model(config, self.data.spec)
-        state = _restore_state(session, resume_from)
+        state = restore_state(session, resume_from)
         if state is not None:
             model.load_state_dict(state["model"])
         model.to(self.device)
@@ -215,6 +225,8 @@ class FusedGroup:
             restore_optimization(state, config, optimizer, scheduler, interval, steps_per_epoch)
             generator.set_state(state["rng"].get("per_rank", [state["rng"]["torch"]])[0])
             member.epoch, member.global_step, member.best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
+            member.history = list(state.get("history", []))
+            session.restored(state)
             if member.epoch >= config["epochs"]:
                 session.report(state["row"], None)
                 return None
@@ -318,6 +330,7 @@ class FusedGroup:
             "val_loss": row["val_loss"],
             "config": member.config,
             "row": row,
+            "history": member.history + [row],
         }
 
 

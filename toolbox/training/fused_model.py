@@ -128,7 +128,7 @@ def no_stacked_form(layer: nn.Module) -> str | None:
         return None if (layer.start_dim, layer.end_dim) == (1, -1) else "an nn.Flatten other than Flatten(1, -1)"
     if isinstance(layer, (nn.MaxPool2d, *ELEMENTWISE)) and not list(layer.parameters()) and not list(layer.buffers()):
         return None
-    return f"a layer with no stacked form: {type(layer).__name__}"
+    return f"a layer with no stacked form: {type(layer).__module__}.{type(layer).__qualname__}"
 
 
 def layout(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:

@@ -5,6 +5,9 @@ parameters, which only serve as placeholders): its scheduler drives it as in the
 each step reads ``param_groups[0]`` of every member into ``[K, 1, ...]`` tensors broadcast over the
 stacked parameters. The moments live stacked here; ``member_state_dict`` writes member k's back into
 its optimizer's own ``state_dict`` format, and ``member_moments`` reads them out of a restored one.
+
+The broadcast step makes several passes over each parameter where torch's fused kernel makes one;
+on CPU, calling that kernel once per member on its slices of the stack is the faster alternative.
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ def member_state_dict(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
             if isinstance(optimizer, torch.optim.SGD):
                 state = {} if sgd_without_buffer else {"momentum_buffer": moments[key]["momentum_buffer"]}
             else:
-                state = {"step": torch.tensor(float(step), device=p.device if _fused(optimizer) else "cpu"), **moments[key]}
+                state = {
+                    "step": torch.tensor(float(step), device=p.device if _step_on_param_device(optimizer) else "cpu"),
+                    **moments[key],
+                }
             if state:
                 optimizer.state[p] = {m: t.clone(memory_format=torch.contiguous_format) for m, t in state.items()}
     saved = optimizer.state_dict()
@@ -74,7 +80,7 @@ def member_state_dict(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
     return saved
 
 
-def _fused(optimizer: torch.optim.Optimizer) -> bool:
+def _step_on_param_device(optimizer: torch.optim.Optimizer) -> bool:
     group = optimizer.param_groups[0]
     return bool(group.get("fused") or group.get("capturable"))
 
@@ -87,76 +93,81 @@ class StackedOptimizer:
     def __init__(self, params: dict[str, nn.Parameter], optimizers: list[torch.optim.Optimizer], moments: dict, steps: list[int]):
         self.params, self.optimizers, self.moments, self.steps = params, optimizers, moments, list(steps)
         self.kind = type(optimizers[0])
+        # Reused every step: temporaries the size of a parameter cost more to allocate than to fill.
+        self.scratch = {key: (torch.empty_like(p), torch.empty_like(p)) for key, p in params.items()}
 
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
 
-    def _per_member(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.tensor([o.param_groups[0][name] for o in self.optimizers], dtype=dtype)
+    def _per_member(self, name: str, index: int | None = None) -> torch.Tensor:
+        values = [o.param_groups[0][name] for o in self.optimizers]
+        return torch.tensor(values if index is None else [v[index] for v in values], dtype=torch.float64)
 
     @torch.no_grad()
     def step(self) -> None:
+        """One step of every member; each parameter's gradient is used up (changed in place)."""
         if self.kind is torch.optim.SGD:
             self._sgd_step()
         else:
             self._adam_step()
+        self.steps = [s + 1 for s in self.steps]
 
     def _broadcast(self, values: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         """For a parameter ``p``: the ``[K]`` float64 ``values`` as ``[K, 1, ...]`` of ``p``'s dtype and device."""
-        cache = {}
+        stacked, moved = torch.stack(list(values.values())), {}
 
         def like(p: torch.Tensor) -> dict[str, torch.Tensor]:
-            key = (p.ndim, p.dtype, p.device)
-            if key not in cache:
-                shape = (len(self.steps),) + (1,) * (p.ndim - 1)
-                cache[key] = {name: v.to(p.device, p.dtype).view(shape) for name, v in values.items()}
-            return cache[key]
+            if (p.dtype, p.device) not in moved:  # one copy to the device per step
+                moved[p.dtype, p.device] = stacked.to(p.device, p.dtype)
+            shape = (len(self.steps),) + (1,) * (p.ndim - 1)
+            return {name: v.view(shape) for name, v in zip(values, moved[p.dtype, p.device])}
 
         return like
 
     def _adam_step(self) -> None:
-        self.steps = [s + 1 for s in self.steps]
-        step = torch.tensor(self.steps, dtype=torch.float64)
+        """torch's Adam/AdamW, with ``sqrt(1 - beta2^t)`` moved from the denominator into eps and the step size."""
+        step = torch.tensor(self.steps, dtype=torch.float64) + 1
         lr, weight_decay, eps = self._per_member("lr"), self._per_member("weight_decay"), self._per_member("eps")
-        beta1, beta2 = (
-            torch.tensor([o.param_groups[0]["betas"][i] for o in self.optimizers], dtype=torch.float64) for i in (0, 1)
-        )
+        beta1, beta2 = self._per_member("betas", 0), self._per_member("betas", 1)
+        bias_correction2_sqrt = (1 - beta2**step).sqrt()
         values = {
             "weight_decay": weight_decay,
             "decay": 1 - lr * weight_decay,
             "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
             "one_minus_beta2": 1 - beta2,
-            "neg_step_size": -lr / (1 - beta1**step),
-            "bias_correction2_sqrt": (1 - beta2**step).sqrt(),
-            "eps": eps,
+            "neg_step_size": -lr / (1 - beta1**step) * bias_correction2_sqrt,
+            "eps": eps * bias_correction2_sqrt,
         }
         decoupled, any_decay, like = _decoupled(self.optimizers[0]), bool(weight_decay.any()), self._broadcast(values)
         for key, p in self.params.items():
-            h, grad = like(p), p.grad
+            h, grad, (scratch, denom) = like(p), p.grad, self.scratch[key]
             exp_avg, exp_avg_sq = self.moments[key]["exp_avg"], self.moments[key]["exp_avg_sq"]
             if any_decay and decoupled:
                 p.mul_(h["decay"])
             elif any_decay:
-                grad = grad.addcmul(p, h["weight_decay"])
+                grad.addcmul_(p, h["weight_decay"])
             exp_avg.lerp_(grad, h["one_minus_beta1"])
-            exp_avg_sq.mul_(h["beta2"]).addcmul_(grad, grad * h["one_minus_beta2"])
-            denom = exp_avg_sq.sqrt().div_(h["bias_correction2_sqrt"]).add_(h["eps"])
-            p.addcdiv_(exp_avg * h["neg_step_size"], denom)
+            exp_avg_sq.lerp_(torch.mul(grad, grad, out=scratch), h["one_minus_beta2"])
+            torch.sqrt(exp_avg_sq, out=denom).add_(h["eps"])
+            p.addcdiv_(torch.mul(exp_avg, h["neg_step_size"], out=scratch), denom)
 
     def _sgd_step(self) -> None:
-        weight_decay, momentum = self._per_member("weight_decay"), self._per_member("momentum")
-        nesterov = self._per_member("nesterov")
+        """torch's SGD (dampening 0); a zero momentum buffer makes the first step's buffer the gradient, as torch's."""
+        weight_decay, momentum, nesterov = (
+            self._per_member("weight_decay"),
+            self._per_member("momentum"),
+            self._per_member("nesterov"),
+        )
         values = {"weight_decay": weight_decay, "momentum": momentum, "neg_lr": -self._per_member("lr"), "nesterov": nesterov}
         any_decay, any_nesterov, like = bool(weight_decay.any()), bool(nesterov.any()), self._broadcast(values)
         for key, p in self.params.items():
-            h, grad = like(p), p.grad
+            h, grad, (scratch, _) = like(p), p.grad, self.scratch[key]
             if any_decay:
-                grad = grad.addcmul(p, h["weight_decay"])
-            buffer = self.moments[key]["momentum_buffer"].mul_(h["momentum"]).add_(grad)
-            update = buffer
+                grad.addcmul_(p, h["weight_decay"])
+            update = buffer = self.moments[key]["momentum_buffer"].mul_(h["momentum"]).add_(grad)
             if any_nesterov:
-                update = torch.where(h["nesterov"] != 0, grad.addcmul(buffer, h["momentum"]), buffer)
+                update = torch.where(
+                    h["nesterov"] != 0, torch.addcmul(grad, buffer, h["momentum"], out=scratch), buffer, out=scratch
+                )
             p.addcmul_(update, h["neg_lr"])
-        self.steps = [s + 1 for s in self.steps]

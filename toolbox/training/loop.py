@@ -21,7 +21,7 @@ EVAL_BATCH = 2048
 log = logging.getLogger("toolbox")
 
 
-def _restore_state(session: Session, resume_from: str | None) -> dict | None:
+def restore_state(session: Session, resume_from: str | None) -> dict | None:
     """The later of Ray's latest checkpoint (a retried run) and ``resume_from``; Ray's on a tie.
 
     A damaged checkpoint of Ray's is passed over: the caller's is one it has read whole."""
@@ -57,7 +57,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
     torch.set_flush_denormal(True)
     torch.manual_seed(config["seed"])  # same initial weights on every rank
     model = build_model(config, data.spec)
-    state = _restore_state(session, resume_from)
+    state = restore_state(session, resume_from)
     if state is not None:
         model.load_state_dict(state["model"])
     model = session.prepare_model(model)
@@ -138,7 +138,26 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
             "history": history + [row],
         }
         history = state["history"]
-        _report(session, row, state)
+        report_epoch(session, row, state)
+
+
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """This CPU's bfloat16 instructions (AMX or AVX512-BF16) as /proc/cpuinfo names them; None without them."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return None
+    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+    return ", ".join(found) or None
+
+
+def warn_if_bf16_is_slow(config: dict, use_gpu: bool) -> None:
+    """One line where bf16-mixed is asked for on a CPU without bfloat16 units: it runs slower than 32-true there."""
+    if config["precision"] == "bf16-mixed" and not use_gpu and cpu_bf16_units() is None:
+        log.warning(
+            "--precision bf16-mixed: this CPU has no bfloat16 units (no amx_bf16 or avx512_bf16), so it trains slower than 32-true"
+        )
 
 
 def autocast(config: dict, session: Session) -> torch.autocast:
@@ -147,7 +166,7 @@ def autocast(config: dict, session: Session) -> torch.autocast:
     return torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16-mixed")
 
 
-def _report(session: Session, row: dict, state: dict) -> None:
+def report_epoch(session: Session, row: dict, state: dict) -> None:
     """Every rank reports (Ray waits for all); only rank 0 writes the checkpoint."""
     if session.rank != 0:
         session.report(row, None)

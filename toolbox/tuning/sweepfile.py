@@ -86,6 +86,7 @@ class Sweep:
     gpus_per_trial: NonNegativeFloat = 0.0
     max_concurrent: NonNegativeInt = 0  # 0: as many as the resources allow
     max_failures: NonNegativeInt = 2  # retries of a trial whose process dies, each from its own checkpoint
+    fuse: NonNegativeInt = 0  # train up to this many one-worker trials as one stacked model per device (0, 1: off)
     # One-worker trials run the loop in the trial's own process, with no worker group to start.
     # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
@@ -98,6 +99,10 @@ class Sweep:
     @property
     def trials_in_process(self) -> bool:
         return self.in_process and self.workers_per_trial == 1
+
+    @property
+    def trials_fused(self) -> bool:
+        return self.fuse > 1 and self.trials_in_process
 
     def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial's full run config from its sampled params (keys its components don't take are dropped)."""

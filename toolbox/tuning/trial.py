@@ -17,7 +17,7 @@ from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
-from toolbox.training.checkpoint import STATE_FILE, load_latest
+from toolbox.training.checkpoint import STATE_FILE, load_latest, load_state
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
@@ -41,7 +41,10 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp: Place) -
     trial_dir = trial.local
     epoch_log = EpochLog(trial_dir, config["epochs"], hparams=hparams(sweep, config), mirror=trial.mirror)
     epoch_log.log(f"trial started on node {ray.get_runtime_context().get_node_id()}: {config}")
-    if sweep.trials_in_process:
+    print(f"trial {tune.get_context().get_trial_name()} started", flush=True)  # a reused trial process runs several
+    if sweep.trials_fused:
+        _train_fused(config, sweep, epoch_log, trial)
+    elif sweep.trials_in_process:
         _train_in_process(config, sweep, data[0], epoch_log, trial)
     else:
         _train_with_workers(config, sweep, data[0], trial)
@@ -97,20 +100,18 @@ def _keep_as_best(checkpoint: Path, trial: Place) -> None:
             trial.mirror.push(trial.local, f"{BEST_DIR}/{file.name}")
 
 
-def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial: Place) -> None:
-    import ray
+def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
+    """The Tune session a one-process or fused trial reports through, and the checkpoint it continues from.
+
+    Each epoch goes to the trial's own files, its actor's log, Ray's metrics and best/, then to Tune."""
     from ray import tune
 
-    from toolbox.training.loop import train
     from toolbox.training.session import tune_session
 
-    torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session = tune_session(use_gpu=sweep.gpus_per_trial > 0)
     checkpoint = session.latest_checkpoint()
-    trial_dir = trial.local
-    exploited = checkpoint is not None and trial_dir.name not in Path(checkpoint.path).parts  # PBT gave another trial's
+    exploited = checkpoint is not None and trial.local.name not in Path(checkpoint.path).parts  # PBT gave another trial's
     report = session.report
-
     live = LiveMetrics(sweep.name, tune.get_context().get_trial_name())
 
     def report_and_log(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -129,7 +130,38 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
             epoch_log.backfill(state.get("history", []))
 
     session.report, session.restored = report_and_log, restored
-    train(config, TensorData.from_shared(ray.get(data_ref)), session, None if exploited else _own_latest(trial_dir))
+    return session, None if exploited else _own_latest(trial.local)
+
+
+def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial: Place) -> None:
+    import ray
+
+    from toolbox.training.loop import train
+
+    torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
+    session, resume_from = _tune_session(sweep, epoch_log, trial)
+    train(config, TensorData.from_shared(ray.get(data_ref)), session, resume_from)
+
+
+def _train_fused(config: dict, sweep: Sweep, epoch_log: EpochLog, trial: Place) -> None:
+    """The trial's member trains in the sweep's FusedWorker; this relays its epochs to Tune."""
+    from ray import tune
+
+    from toolbox.tuning.fused_trials import checkpoint_files, relay
+
+    session, resume_from = _tune_session(sweep, epoch_log, trial)
+    states = []  # as the loop restores: the later of Tune's checkpoint and the trial's own
+    checkpoint = session.latest_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            states.append((load_state(directory), checkpoint_files(directory)))
+    if resume_from:
+        states.append((load_state(resume_from), checkpoint_files(resume_from)))
+    state, files = max(states, key=lambda pair: pair[0]["epoch"], default=(None, None))
+    if state is not None:
+        session.restored(state)
+    index = int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
+    relay(config, sweep, tune.get_context().get_trial_name(), index, files, session.report)
 
 
 def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial: Place) -> None:

@@ -1,0 +1,174 @@
+"""Fused trials in a sweep (``fuse = K``): a training actor per device, and Tune trials that attach to it.
+
+Each ``FusedWorker`` holds one device and trains the trials attached to it as stacked groups
+(``toolbox.training.fused``), one group per set of configs that can share a stack. A trial stays an
+ordinary Tune function trial: it attaches its member, then relays each epoch's row and checkpoint to
+Tune, so Tune samples it, schedulers stop it (its member leaves the group) and PBT exploits it (its
+member joins again from the other trial's checkpoint). Why an actor and not a trial training its
+peers: trials come and go at Tune's pace, and the stack must outlive any one of them.
+"""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+FUSED_SLOT = "TOOLBOX_FUSED_SLOT"  # custom resource: a trial's seat in a worker's group
+WAIT_FOR_TRIAL_S = 120.0  # a trial that takes no epoch for this long has gone: its member leaves
+
+
+def worker_name(sweep: str, index: int) -> str:
+    return f"toolbox-fused-{sweep}-{index}"
+
+
+def checkpoint_files(directory: str | Path | None) -> dict[str, bytes] | None:
+    """A checkpoint dir's files, to travel between the worker and a trial (they may sit on two nodes)."""
+    if directory is None:
+        return None
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
+def write_checkpoint(files: dict[str, bytes], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+class _Seat:
+    """A trial's member inside the worker: its epochs wait here, one at a time, for the trial to take them."""
+
+    def __init__(self):
+        self.rows: queue.Queue = queue.Queue(maxsize=1)
+        self.leaving = threading.Event()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from toolbox.training.fused import StopMember
+
+        payload = (metrics, checkpoint_files(checkpoint_dir))
+        waited = 0.0
+        while not self.leaving.is_set():
+            try:
+                self.rows.put(payload, timeout=1.0)
+                return
+            except queue.Full:
+                waited += 1.0
+                if waited >= WAIT_FOR_TRIAL_S:
+                    break
+        raise StopMember
+
+
+class FusedWorker:
+    """A Ray actor (threaded) that trains every member attached to it on its one device."""
+
+    def __init__(self, data: list, threads: int, use_gpu: bool):
+        import ray
+        import torch
+
+        from toolbox.data.tensors import TensorData
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.data = TensorData.from_shared(ray.get(data[0]))
+        self.groups: dict[tuple, object] = {}
+        self.seats: dict[str, _Seat] = {}
+        self.lock = threading.Lock()
+        self.work = threading.Event()
+        self.failure: BaseException | None = None
+        threading.Thread(target=self._train, daemon=True, name="fused-training").start()
+
+    def join(self, trial: str, config: dict, checkpoint: dict[str, bytes] | None) -> None:
+        """Attach a member for ``trial`` from the next epoch on (from ``checkpoint`` if given)."""
+        from toolbox.training.fused import FusedGroup, group_key
+        from toolbox.training.session import Session
+
+        seat = _Seat()
+        resume = write_checkpoint(checkpoint, Path(tempfile.mkdtemp(prefix="toolbox-fused-"))) if checkpoint else None
+        device = self.device
+        session = Session(0, 1, device, seat.report, lambda: None, lambda model: model.to(device))
+        with self.lock:
+            self.seats[trial] = seat
+            group = self.groups.setdefault(group_key(config), FusedGroup(self.data))
+            group.add(config, session, str(resume) if resume else None)
+        self.work.set()
+
+    def next(self, trial: str) -> tuple[dict, dict[str, bytes] | None]:
+        """The member's next epoch: its row and checkpoint files (waits for the group's epoch to end)."""
+        seat = self.seats[trial]
+        while True:
+            if self.failure is not None:
+                raise RuntimeError(f"the fused worker's training failed: {self.failure!r}")
+            try:
+                return seat.rows.get(timeout=1.0)
+            except queue.Empty:
+                continue
+
+    def leave(self, trial: str) -> None:
+        seat = self.seats.pop(trial, None)
+        if seat is not None:
+            seat.leaving.set()
+
+    def members(self) -> int:
+        return len(self.seats)
+
+    def _train(self) -> None:
+        while True:
+            with self.lock:
+                groups = [g for g in self.groups.values() if g.members or g.joining]
+                try:
+                    for group in groups:
+                        group.train_epoch()
+                except Exception as exc:  # noqa: BLE001 - every trial attached hears of it in next()
+                    self.failure = exc
+                    return
+            if not groups:
+                self.work.wait(1.0)
+                self.work.clear()
+                time.sleep(0)
+
+
+def start_workers(sweep, data_ref, cpus: float, gpus: float) -> list:
+    """One FusedWorker per device of this machine's Ray; keep the handles: a worker lives while they do."""
+    import ray
+
+    use_gpu = sweep.gpus_per_trial > 0
+    count = max(1, int(gpus)) if use_gpu else 1
+    threads = max(1, int(min(cpus, sweep.fuse * sweep.cpus_per_worker)))
+    remote = ray.remote(FusedWorker)
+    options = {"num_cpus": threads, "num_gpus": 1 if use_gpu else 0, "max_concurrency": 4 * sweep.fuse + 8}
+    return [remote.options(name=worker_name(sweep.name, i), **options).remote([data_ref], threads, use_gpu) for i in range(count)]
+
+
+def relay(config: dict, sweep, trial_name: str, index: int, checkpoint: dict[str, bytes] | None, report) -> None:
+    """A trial's side: attach to a worker (from ``checkpoint``'s files), then hand each epoch to
+    ``report(metrics, checkpoint_dir)``."""
+    import ray
+
+    workers = [ray.get_actor(worker_name(sweep.name, i)) for i in range(_worker_count(sweep))]
+    worker = workers[index % len(workers)]
+    ray.get(worker.join.remote(trial_name, config, checkpoint))
+    try:
+        with tempfile.TemporaryDirectory(prefix="toolbox-relay-") as scratch:
+            epoch = 0
+            while epoch < config["epochs"]:
+                metrics, files = ray.get(worker.next.remote(trial_name))
+                directory = write_checkpoint(files, Path(scratch) / f"epoch_{metrics['epoch']}") if files else None
+                report(metrics, str(directory) if directory else None)
+                epoch = metrics["epoch"]
+    finally:  # Tune stopped the trial (SystemExit from its report), or it ended: the member leaves
+        worker.leave.remote(trial_name)
+
+
+def _worker_count(sweep) -> int:
+    import ray
+
+    count = 0
+    while True:
+        try:
+            ray.get_actor(worker_name(sweep.name, count))
+        except ValueError:
+            return max(1, count)
+        count += 1
