@@ -15,7 +15,7 @@ from typing import Any
 
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
 from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
-from toolbox.config.resolve import KINDS, SELECTORS, coerce, resolve
+from toolbox.config.resolve import changed_keys, coerce, resolve
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
 from toolbox.distributed.locations import DirLock, Place, check_address, place
@@ -36,7 +36,7 @@ checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir
 """
 
 
-RESOURCES_FILE = "resources.json"
+RESOURCES_FILE, CONFIG_FILE = "resources.json", "config.json"
 RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
 # The value rules of the Ray flags (the training flags' rules are their components' signatures).
 RAY_FLAG_RULES = {"workers": PositiveInt, "cpus_per_worker": PositiveFloat, "max_failures": NonNegativeInt}
@@ -96,19 +96,24 @@ def prepare(argv: list[str] | None) -> Plan:
     where = place(args.storage, args.name)
     run_dir = where.local
     if where.mirror is not None:
-        where.mirror.pull(run_dir, (RESOURCES_FILE,))
+        where.mirror.pull(run_dir, (RESOURCES_FILE, CONFIG_FILE))
     saved = _saved_resources(run_dir)
     for key, default in RESOURCE_DEFAULTS.items():  # a re-run keeps its workers unless told otherwise
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
     for key, rule in RAY_FLAG_RULES.items():
         setattr(args, key, coerce(key, rule, getattr(args, key)))
-    resume_path, state = None, None
-    # A run under a URI continues from Ray's own record of its checkpoints (a same-name re-run).
-    if args.resume or (not where.remote and run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))):
+    resume_path, state, base = None, None, None
+    continues = run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))
+    if args.resume and (continues or (where.remote and (run_dir / CONFIG_FILE).is_file())):
+        raise ConfigError(f"--resume: run {args.name!r} has checkpoints of its own, which it continues from; use a new --name")
+    # A run under a URI continues from Ray's own record of its checkpoints, with its saved config.
+    if args.resume or (continues and not where.remote):
         resume_path, state = load_latest(args.resume or run_dir)
-        resume_path = str(resume_path)
-    config = resolve(given_config(args), base=state["config"] if state else None)
+        resume_path, base = str(resume_path), state["config"]
+    elif where.remote and (run_dir / CONFIG_FILE).is_file():
+        base = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = resolve(given_config(args), base=base)
     data = build_dataset(config)
     model = check_components(config, data.spec)
     if state is not None:
@@ -164,7 +169,7 @@ def fit(plan: Plan):
     epoch_log = EpochLog(plan.place.local, config["epochs"], mirror=plan.place.mirror)
     epoch_log.log(f"config {json.dumps(config)}")
     resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
-    for name, content in (("config.json", json.dumps(config, indent=2)), (RESOURCES_FILE, json.dumps(resources))):
+    for name, content in ((CONFIG_FILE, json.dumps(config, indent=2)), (RESOURCES_FILE, json.dumps(resources))):
         replace_file(plan.place.local / name, content.encode())
         if plan.place.mirror is not None:
             plan.place.mirror.push(plan.place.local, name)
@@ -180,7 +185,7 @@ def fit(plan: Plan):
         storage=plan.place,
         resume_from=plan.resume_from,
         max_failures=args.max_failures,
-        hparams=_hparams(config),
+        hparams=changed_keys(config),
         live_tags={"sweep": "toolbox.run", "trial": args.name},
     )
     stop = threading.Event()
@@ -223,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.run: training failed: {describe_failure(exc)}; {_kept(plan.place.local)}", file=sys.stderr)
         return 1
     finally:
-        placement_groups_left = cluster.stop()
+        try:
+            placement_groups_left = cluster.stop()
+        except Exception as exc:  # noqa: BLE001 - a Ray that broke down may not stop cleanly; say so in one line
+            placement_groups_left = -1
+            print(f"toolbox.run: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
         if lock is not None:
             lock.release()
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
@@ -231,14 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)
     if result.checkpoint:
         log.info("latest checkpoint: %s", result.checkpoint.path)
-    replace_file(plan.place.local / "summary.json", json.dumps({"placement_groups_left": placement_groups_left}).encode())
+    try:
+        replace_file(plan.place.local / "summary.json", json.dumps({"placement_groups_left": placement_groups_left}).encode())
+    except OSError as exc:
+        print(f"toolbox.run: writing summary.json failed: {describe_failure(exc)}; {_kept(plan.place.local)}", file=sys.stderr)
+        return 1
     return 0
-
-
-def _hparams(config: dict) -> dict:
-    """TensorBoard's HParams for a run: every key that differs from the defaults of its components."""
-    defaults = resolve({r.selector: config[r.selector] for r in KINDS})
-    return {key: value for key, value in config.items() if key in SELECTORS or value != defaults[key]}
 
 
 def _kept(run_dir: Path) -> str:

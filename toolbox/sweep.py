@@ -119,7 +119,9 @@ def _empty(exp: Place) -> None:
             continue
         exp.fs.delete_dir(info.path) if info.type == pyarrow.fs.FileType.Directory else exp.fs.delete_file(info.path)
     if exp.remote and exp.local.exists():
-        shutil.rmtree(exp.local)
+        for entry in exp.local.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _fall_back_unless_fusable(sweep: Sweep, spec, address: str | None) -> None:
@@ -230,8 +232,10 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.max_concurrent = min(sweep.max_concurrent or seats, seats)
     elif sweep.trials_in_process:
         trial_resources = {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_trial}
-    else:  # the trial function only drives its TorchTrainer's workers
+    elif TRAIN_DRIVER_RESOURCE in resources:  # the trial function only drives its TorchTrainer's workers
         trial_resources = {TRAIN_DRIVER_RESOURCE: 0.01}
+    else:  # a cluster started without toolbox's resource: a bundle of (almost) nothing
+        trial_resources = {"cpu": 0, "memory": 1}
     trial = tune.with_resources(trainable(run_trial, sweep=sweep, data=[data_ref], exp=exp), trial_resources)
     progress = Progress(sweep)
     started = time.time()
@@ -305,6 +309,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = None
     try:
         sweep, args = prepare(argv)
         return run(sweep, args)
@@ -312,14 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("toolbox.sweep: interrupted before the sweep started; nothing to continue", file=sys.stderr)
+        kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
+        print(f"toolbox.sweep: interrupted: {kept}; re-run the same command to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
         print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
         return 1
     finally:
-        if "ray" in sys.modules:
-            sys.modules["ray"].shutdown()
+        try:
+            cluster.stop()
+        except Exception as exc:  # noqa: BLE001 - a Ray that broke down may not stop cleanly; say so in one line
+            print(f"toolbox.sweep: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
+        if getattr(args, "lock", None) is not None:
+            args.lock.release()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``python -m toolbox.bench``: toolbox's speed as ratios against baselines measured in the same run.
 
-Sections (``--only``): data, overhead, sweep, memory, ddp, and gpu (with ``--gpu``). Sweeps and runs
+Sections (``--only``): data, overhead, sweep, memory, ddp, fused, and gpu (with ``--gpu``). Sweeps and runs
 go through the real CLIs in subprocesses; results are read back from their output files. Prints a
 markdown table and writes ray_results/bench/bench.json.
 """

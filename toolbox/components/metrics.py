@@ -7,10 +7,12 @@ the ones here are in percent.
 
 from __future__ import annotations
 
-import torchmetrics
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing import TYPE_CHECKING
 
 from toolbox.config.registry import ConfigError, Registry
+
+if TYPE_CHECKING:  # torchmetrics is imported where a metric is built: it takes seconds to import
+    import torchmetrics
 
 METRICS = Registry("metric", selector="metrics", many=True)
 
@@ -18,6 +20,8 @@ METRICS = Registry("metric", selector="metrics", many=True)
 def _top_k(num_classes: int, k: int) -> torchmetrics.Metric:
     if num_classes < k:
         raise ConfigError(f"top_{k}_accuracy needs at least {k} classes; the model outputs {num_classes}")
+    from torchmetrics.classification import MulticlassAccuracy
+
     return MulticlassAccuracy(num_classes, top_k=k, average="micro") * 100
 
 
@@ -42,4 +46,6 @@ def macro_f1(num_classes: int, /, *, ignore_index: int | None = None) -> torchme
     """
     if ignore_index is not None and not 0 <= ignore_index < num_classes:
         raise ConfigError(f"--f1-ignore-index {ignore_index} is not a class of the {num_classes}")
+    from torchmetrics.classification import MulticlassF1Score
+
     return MulticlassF1Score(num_classes, average="macro", ignore_index=ignore_index) * 100

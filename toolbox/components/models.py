@@ -107,9 +107,14 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        n = x.numel()
-        # int64 random_() leaves only the sign bit 0, so both int32 halves carry 31 uniform bits.
-        bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_().view(torch.int32)[:n]
-        # (bits - threshold) >> 31 is -1 below the threshold (drop) and 0 from it on (keep).
-        keep = bits.bitwise_and_(0x7FFFFFFF).sub_(round(self.p * 2**31)).bitwise_right_shift_(31).add_(1)
-        return x * keep.view(x.shape).to(x.dtype).div_(1 - self.p)  # as ATen scales its mask
+        return x * dropout_mask(x.shape, self.p, None, x.dtype)
+
+
+def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """``Dropout``'s CPU mask, keep / (1 - p), drawn from ``generator`` (torch's default when None)."""
+    n = math.prod(shape)
+    # int64 random_() leaves only the sign bit 0, so both int32 halves carry 31 uniform bits.
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
+    # (bits - threshold) >> 31 is -1 below the threshold (drop) and 0 from it on (keep).
+    keep = bits.bitwise_and_(0x7FFFFFFF).sub_(round(p * 2**31)).bitwise_right_shift_(31).add_(1)
+    return keep.view(shape).to(dtype).div_(1 - p)  # as ATen scales its mask

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,14 @@ _SECTION = re.compile(r"^(Args|Arguments|Parameters):\s*$")
 _ENTRY = re.compile(r"^(\s+)(\w+)\s*(?:\([^)]*\))?:\s*(.*)$")
 
 
+def config_hints(fn: Callable, keyword_only: list[inspect.Parameter]) -> dict[str, Any]:
+    """The evaluated type hints of ``fn``'s config parameters only: its positional and return
+    annotations may name types that its module imports only for type checkers."""
+    annotations = {p.name: fn.__annotations__[p.name] for p in keyword_only if p.name in fn.__annotations__}
+    holder = types.SimpleNamespace(__annotations__=annotations)
+    return typing.get_type_hints(holder, globalns=fn.__globals__, include_extras=True)
+
+
 def parameter_docs(fn: Callable) -> dict[str, str]:
     """The ``name: text`` entries of a docstring's ``Args:`` section (Google style, as LightningCLI reads it)."""
     docs: dict[str, str] = {}
@@ -144,7 +153,8 @@ class Registry:
         def decorate(fn: Callable) -> Callable:
             if name in self._components:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            hints = typing.get_type_hints(fn, include_extras=True)
+            keyword_only = [p for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            hints = config_hints(fn, keyword_only)
             docs = parameter_docs(fn)
             params = tuple(
                 Param(
@@ -154,8 +164,7 @@ class Registry:
                     default=p.default,
                     help=docs.get(p.name, ""),
                 )
-                for p in inspect.signature(fn).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY
+                for p in keyword_only
             )
             missing = [p.name for p in params if p.default is inspect.Parameter.empty]
             if missing:

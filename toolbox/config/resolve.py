@@ -181,3 +181,10 @@ def _not_taken(key: str, config: dict) -> str:
                 f"(it belongs to {', '.join(owners)}; choose one with {flag(registry.selector)})"
             )
     return f"unknown option {key!r}{nearest(key, list(all_keys()))}"
+
+
+def changed_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys whose values differ from what the chosen components take by default, and the choices themselves."""
+    config = resolve(config)  # canonical values: tuples, not the lists of a JSON round trip
+    defaults = resolve({r.selector: config[r.selector] for r in KINDS})
+    return {k: v for k, v in config.items() if v != defaults[k] or (k in SELECTORS and not SELECTORS[k].many)}

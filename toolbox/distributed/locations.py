@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import socket
@@ -15,6 +16,7 @@ import pyarrow
 import pyarrow.fs
 
 from toolbox.config.registry import ConfigError
+from toolbox.distributed.storage import atomic_local_files
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}")
 LOCK_FILE = ".toolbox.lock"
@@ -100,7 +102,7 @@ class Place:
     changes (``mirror``)."""
 
     fs: pyarrow.fs.FileSystem
-    parent: str  # the storage root in fs: Ray's storage_path
+    parent: str  # where Ray writes the runs of this dir (its storage_path): the storage root, or a trial's own dir
     path: str  # this run's or sweep's dir in fs
     local: Path
     remote: bool
@@ -124,21 +126,20 @@ class Mirror:
             out.write((local / relative).read_bytes())
 
     def pull(self, local: Path, names: tuple[str, ...]) -> None:
-        """Fetch the mirrored files a fresh staging dir lacks (a run continued on another machine)."""
+        """Fetch the mirrored files into a staging dir: the copy under the URI is the run's, the staged one
+        may be another machine's older one."""
         local.mkdir(parents=True, exist_ok=True)
         for info in self.fs.get_file_info([f"{self.path}/{name}" for name in names]):
-            if info.type == pyarrow.fs.FileType.File and not (local / info.base_name).exists():
+            if info.type == pyarrow.fs.FileType.File:
                 with self.fs.open_input_stream(info.path) as source:
                     (local / info.base_name).write_bytes(source.read())
 
 
 def place(storage: str, name: str) -> Place:
     """STORAGE/NAME, checked: a directory inside a local storage dir, or a reachable URI."""
-    from toolbox.distributed.storage import filesystem_for
-
     if not is_uri(storage):
         path = local_dir(storage, name)
-        return Place(filesystem_for(str(path)), str(path.parent), str(path), path, remote=False)
+        return Place(atomic_local_files(), str(path.parent), str(path), path, remote=False)
     check_name(name)
     try:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage)
@@ -151,5 +152,10 @@ def place(storage: str, name: str) -> Place:
         raise ConfigError(f"--storage {storage}: cannot reach it ({' '.join(str(exc).split())[:300]})") from None
     if info.type == pyarrow.fs.FileType.File:
         raise ConfigError(f"--storage {storage}: is a file, not a directory")
-    staging = Path(tempfile.gettempdir()) / "toolbox-staging" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{storage}/{name}")[:200]
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", f"{storage}/{name}")[:120]
+    staging = (
+        Path(tempfile.gettempdir())
+        / "toolbox-staging"
+        / f"{readable}-{hashlib.sha1(f'{storage}/{name}'.encode()).hexdigest()[:10]}"
+    )
     return Place(fs, root, f"{root}/{name}", staging, remote=True)

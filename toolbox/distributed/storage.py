@@ -24,6 +24,7 @@ import json
 import os
 import pickletools
 import shutil
+import threading
 import uuid
 
 import pyarrow
@@ -47,32 +48,35 @@ def _is_whole_pickle(data: bytes) -> bool:
 
 
 STATE_FILES = {"experiment_state-*.json": _parses_as_json, "searcher-state-*.pkl": _is_whole_pickle}
-# Checkpoint dirs Ray has deleted, held back while a published record may still name them: path ->
-# how many experiment snapshots were published since. Train writes its record before it deletes,
-# so its next record frees them; Tune saves a snapshot, uploads it in the background, and may
-# delete meanwhile, so only the second snapshot published after a deletion is sure not to name it.
+# Checkpoint dirs Tune has deleted, held back while a published snapshot may still name them: path ->
+# how many snapshots were published since. Tune saves a snapshot, uploads it in the background and
+# may delete meanwhile, so only the second snapshot published after a deletion is sure not to name
+# it. Train writes its record before it deletes, so its deletions happen at once.
 _deferred: dict[str, int] = {}
+_deferred_lock = threading.Lock()  # Tune deletes in its loop and publishes from its upload thread
+TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 
 
 def _published(path: str) -> None:
-    name, directory = os.path.basename(path), os.path.dirname(path)
-    if name == "checkpoint_manager_snapshot.json":
-        freed = [p for p in _deferred if os.path.dirname(p.rstrip("/")) == directory]
-    elif fnmatch.fnmatch(name, "experiment_state-*.json"):
-        for p in _deferred:
+    if not fnmatch.fnmatch(os.path.basename(path), "experiment_state-*.json"):
+        return
+    with _deferred_lock:
+        for p in list(_deferred):
             _deferred[p] += 1
         freed = [p for p, seen in _deferred.items() if seen >= 2]
-    else:
-        return
+        for p in freed:
+            del _deferred[p]
     for p in freed:
         shutil.rmtree(p, ignore_errors=True)
-        del _deferred[p]
 
 
 def delete_deferred() -> None:
-    """Carry out the held-back deletions (once nothing runs that a record could still send back to them)."""
-    while _deferred:
-        shutil.rmtree(_deferred.popitem()[0], ignore_errors=True)
+    """Carry out the held-back deletions (once nothing runs that a snapshot could still send back to them)."""
+    with _deferred_lock:
+        held = list(_deferred)
+        _deferred.clear()
+    for p in held:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _whole(path: str, data_path: str) -> bool:
@@ -157,8 +161,12 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
         self._local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
-        if os.path.basename(path.rstrip("/")).startswith("checkpoint_"):
-            _deferred.setdefault(path, 0)
+        parent = os.path.dirname(path.rstrip("/"))
+        if os.path.basename(path.rstrip("/")).startswith("checkpoint_") and not os.path.exists(
+            os.path.join(parent, TRAIN_RECORD)
+        ):
+            with _deferred_lock:
+                _deferred.setdefault(path, 0)
             return
         self._local.delete_dir(path)
 
@@ -192,7 +200,6 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
         return self._local.open_append_stream(path, metadata=metadata)
 
 
-def filesystem_for(storage: str) -> pyarrow.fs.FileSystem | None:
-    """The filesystem to give Ray for ``storage``: atomic files on a local (or mounted) path; Ray's own
-    choice for a URI such as s3://, whose objects are already whole or absent."""
-    return None if "://" in str(storage) else pyarrow.fs.PyFileSystem(AtomicLocalFiles())
+def atomic_local_files() -> pyarrow.fs.FileSystem:
+    """The filesystem toolbox gives Ray for a local (or mounted) storage path."""
+    return pyarrow.fs.PyFileSystem(AtomicLocalFiles())

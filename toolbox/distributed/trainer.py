@@ -75,12 +75,14 @@ def torch_trainer(
     max_failures: int = 0,
     hparams: dict | None = None,
     live_tags: dict | None = None,
+    score: tuple[str, str] = ("val_loss", "min"),
 ):
     """A TorchTrainer of ``workers`` running the training loop on the shared dataset ``data_ref``.
 
-    ``storage`` is the dir of the run (``storage.path``, in ``storage.fs``, holds Ray's ``name`` dir).
-    It keeps the latest checkpoint and the best by val loss. Re-fitting one with the same name and
-    storage resumes from its latest checkpoint, which is how runs and trials continue."""
+    Ray writes ``storage.parent``/``name`` in ``storage.fs``; the epoch table goes to ``storage``'s own
+    dir. It keeps the latest checkpoint and the best by ``score`` (a metric, and "min" or "max").
+    Re-fitting one with the same name and storage resumes from its latest checkpoint, which is how
+    runs and trials continue."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -100,7 +102,7 @@ def torch_trainer(
             storage_path=storage.parent,
             storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+                num_to_keep=1, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=[*callbacks, epoch_log_callback(storage, config["epochs"], hparams)],

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-import torchmetrics
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -18,6 +18,9 @@ from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError
 from toolbox.config.resolve import KINDS
 from toolbox.data.tensors import DataSpec, TensorData
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 
 def build_dataset(config: dict) -> TensorData:

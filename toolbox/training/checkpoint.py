@@ -29,6 +29,11 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> None:
     (directory / META_FILE).write_text(json.dumps(meta))
 
 
+def checkpoint_files(directory: str | Path) -> dict[str, bytes]:
+    """A checkpoint dir's files, to travel between processes that may sit on two nodes."""
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     try:

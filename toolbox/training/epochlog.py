@@ -158,7 +158,7 @@ class EpochLog:
 def read_rows(run_dir: str | Path, fs=None) -> list[dict]:
     """The epoch table; a damaged Parquet file falls back to the CSV beside it, then to nothing.
 
-    ``fs`` (a pyarrow filesystem) reads a run dir under a storage URI."""
+    ``fs`` (a pyarrow filesystem) reads a run dir through it, and nothing when its table is unreadable."""
     if fs is not None:
         try:
             return pq.read_table(f"{run_dir}/{PARQUET_FILE}", filesystem=fs).to_pylist()

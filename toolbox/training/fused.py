@@ -49,8 +49,9 @@ def _shared_keys(config: dict) -> list[str]:
 
 
 def group_key(config: dict) -> tuple:
-    """Configs with equal keys here can share one stack."""
-    return tuple(repr(config.get(key)) for key in _shared_keys(config)) + (config["precision"],)
+    """Configs with equal keys here can share one stack (a dropout of 0 has no layer: it is a key too)."""
+    dropouts = tuple(config.get(p.key, p.default) > 0 for p in MODELS[config["arch"]].params if p.name == "dropout")
+    return tuple(repr(config.get(key)) for key in _shared_keys(config)) + (config["precision"], dropouts)
 
 
 def fusable(configs: list[dict], spec: DataSpec | None = None) -> str | None:
@@ -332,8 +333,3 @@ class FusedGroup:
             "row": row,
             "history": member.history + [row],
         }
-
-
-def train_fused(members: Iterable[tuple[dict, Session]], data: TensorData) -> None:
-    """Train ``members`` as one fused group until each has trained its epochs or been stopped."""
-    FusedGroup(data, members).run()

@@ -9,22 +9,12 @@ layers, and each member's dropout can draw from its own generator, which vmap's 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from toolbox.components.models import ACTIVATIONS, Dropout
+from toolbox.components.models import ACTIVATIONS, Dropout, dropout_mask
 
 ELEMENTWISE = (*ACTIVATIONS.values(), nn.Identity)  # parameter-free layers that apply to any shape
-
-
-def dropout_scale(shape: torch.Size, p: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """toolbox ``Dropout``'s CPU mask (keep / (1 - p)) drawn from ``generator``: the same bits, the same recipe."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
-    keep = bits.bitwise_and_(0x7FFFFFFF).sub_(round(p * 2**31)).bitwise_right_shift_(31).add_(1)
-    return keep.view(shape).to(dtype).div_(1 - p)
 
 
 class StackedLinear(nn.Module):
@@ -112,7 +102,7 @@ class StackedDropout(nn.Module):
         if p == 0:
             return torch.ones(shape, dtype=x.dtype, device=x.device)
         if x.device.type == "cpu":
-            return dropout_scale(shape, p, generator, x.dtype)
+            return dropout_mask(shape, p, generator, x.dtype)
         return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
@@ -167,10 +157,6 @@ class StackedModel(nn.Sequential):
     def __init__(self, models: list[nn.Sequential], weights: list[dict[str, torch.Tensor]], generators: list[torch.Generator]):
         super().__init__(*(_stack_layer(i, [m[i] for m in models], weights, generators) for i in range(len(models[0]))))
         self.transposed = {f"{i}.{n}" for i, m in enumerate(self) for n in getattr(m, "transposed", ())}
-
-    @property
-    def size(self) -> int:
-        return next(self.parameters()).shape[0]
 
     def member_tensor(self, key: str, stacked: torch.Tensor, k: int) -> torch.Tensor:
         """Member k's slice of ``stacked`` (a parameter at ``key`` or a tensor shaped like it), in its model's layout."""

@@ -13,7 +13,7 @@ from torch import nn
 from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
-from toolbox.training.checkpoint import load_state, save_state
+from toolbox.training.checkpoint import checkpoint_files, load_state, save_state
 from toolbox.training.resume import restore_optimization
 from toolbox.training.session import Session
 
@@ -25,17 +25,22 @@ def restore_state(session: Session, resume_from: str | None) -> dict | None:
     """The later of Ray's latest checkpoint (a retried run) and ``resume_from``; Ray's on a tie.
 
     A damaged checkpoint of Ray's is passed over: the caller's is one it has read whole."""
-    states = []
+    return latest_checkpoint(session, resume_from)[0]
+
+
+def latest_checkpoint(session: Session, resume_from: str | None, read_files: bool = False) -> tuple[dict | None, dict | None]:
+    """``restore_state``'s state, and with ``read_files`` the files of its checkpoint (a fused member travels as them)."""
+    found = []
     checkpoint = session.latest_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             try:
-                states.append(load_state(directory))
+                found.append((load_state(directory), checkpoint_files(directory) if read_files else None))
             except ConfigError as exc:
                 log.warning("skipping Ray's latest checkpoint: %s", exc)
     if resume_from:
-        states.append(load_state(resume_from))
-    return max(states, key=lambda state: state["epoch"], default=None)
+        found.append((load_state(resume_from), checkpoint_files(resume_from) if read_files else None))
+    return max(found, key=lambda pair: pair[0]["epoch"], default=(None, None))
 
 
 def _rng_states(session: Session) -> dict:

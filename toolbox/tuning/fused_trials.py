@@ -14,6 +14,7 @@ import queue
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 FUSED_SLOT = "TOOLBOX_FUSED_SLOT"  # custom resource: a trial's seat in a worker's group
@@ -22,13 +23,6 @@ WAIT_FOR_TRIAL_S = 120.0  # a trial that takes no epoch for this long has gone: 
 
 def worker_name(sweep: str, index: int) -> str:
     return f"toolbox-fused-{sweep}-{index}"
-
-
-def checkpoint_files(directory: str | Path | None) -> dict[str, bytes] | None:
-    """A checkpoint dir's files, to travel between the worker and a trial (they may sit on two nodes)."""
-    if directory is None:
-        return None
-    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
 
 
 def write_checkpoint(files: dict[str, bytes], directory: Path) -> Path:
@@ -43,21 +37,21 @@ class _Seat:
 
     def __init__(self):
         self.rows: queue.Queue = queue.Queue(maxsize=1)
-        self.leaving = threading.Event()
+        self.closed = threading.Event()  # left, or given up on: no more epochs come
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from toolbox.training.checkpoint import checkpoint_files
         from toolbox.training.fused import StopMember
 
-        payload = (metrics, checkpoint_files(checkpoint_dir))
-        waited = 0.0
-        while not self.leaving.is_set():
+        payload = (metrics, checkpoint_files(checkpoint_dir) if checkpoint_dir else None)
+        deadline = time.monotonic() + WAIT_FOR_TRIAL_S
+        while not self.closed.is_set() and time.monotonic() < deadline:
             try:
                 self.rows.put(payload, timeout=1.0)
                 return
             except queue.Full:
-                waited += 1.0
-                if waited >= WAIT_FOR_TRIAL_S:
-                    break
+                continue
+        self.closed.set()
         raise StopMember
 
 
@@ -74,42 +68,47 @@ class FusedWorker:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.data = TensorData.from_shared(ray.get(data[0]))
         self.groups: dict[tuple, object] = {}
-        self.seats: dict[str, _Seat] = {}
+        self.seats: dict[str, _Seat] = {}  # by join token: a trial's late leave cannot close its next seat
         self.lock = threading.Lock()
         self.work = threading.Event()
         self.failure: BaseException | None = None
         threading.Thread(target=self._train, daemon=True, name="fused-training").start()
 
-    def join(self, trial: str, config: dict, checkpoint: dict[str, bytes] | None) -> None:
-        """Attach a member for ``trial`` from the next epoch on (from ``checkpoint`` if given)."""
+    def join(self, config: dict, checkpoint: dict[str, bytes] | None) -> str:
+        """Attach a member from the next epoch on (from ``checkpoint``'s files if given); returns its token."""
         from toolbox.training.fused import FusedGroup, group_key
         from toolbox.training.session import Session
 
-        seat = _Seat()
-        resume = write_checkpoint(checkpoint, Path(tempfile.mkdtemp(prefix="toolbox-fused-"))) if checkpoint else None
+        seat, token = _Seat(), uuid.uuid4().hex
         device = self.device
         session = Session(0, 1, device, seat.report, lambda: None, lambda model: model.to(device))
-        with self.lock:
-            self.seats[trial] = seat
-            group = self.groups.setdefault(group_key(config), FusedGroup(self.data))
-            group.add(config, session, str(resume) if resume else None)
+        with tempfile.TemporaryDirectory(prefix="toolbox-fused-") as scratch:
+            resume = str(write_checkpoint(checkpoint, Path(scratch))) if checkpoint else None
+            with self.lock:
+                self.seats[token] = seat
+                group = self.groups.setdefault(group_key(config), FusedGroup(self.data))
+                group.add(config, session, resume)  # reads the checkpoint now
         self.work.set()
+        return token
 
-    def next(self, trial: str) -> tuple[dict, dict[str, bytes] | None]:
+    def next(self, token: str) -> tuple[dict, dict[str, bytes] | None]:
         """The member's next epoch: its row and checkpoint files (waits for the group's epoch to end)."""
-        seat = self.seats[trial]
+        seat = self.seats[token]
         while True:
             if self.failure is not None:
                 raise RuntimeError(f"the fused worker's training failed: {self.failure!r}")
             try:
                 return seat.rows.get(timeout=1.0)
             except queue.Empty:
-                continue
+                if seat.closed.is_set():
+                    raise RuntimeError(
+                        f"the fused worker gave up on this trial after {WAIT_FOR_TRIAL_S:.0f} s without it"
+                    ) from None
 
-    def leave(self, trial: str) -> None:
-        seat = self.seats.pop(trial, None)
+    def leave(self, token: str) -> None:
+        seat = self.seats.pop(token, None)
         if seat is not None:
-            seat.leaving.set()
+            seat.closed.set()
 
     def members(self) -> int:
         return len(self.seats)
@@ -127,7 +126,6 @@ class FusedWorker:
             if not groups:
                 self.work.wait(1.0)
                 self.work.clear()
-                time.sleep(0)
 
 
 def start_workers(sweep, data_ref, cpus: float, gpus: float) -> list:
@@ -136,30 +134,30 @@ def start_workers(sweep, data_ref, cpus: float, gpus: float) -> list:
 
     use_gpu = sweep.gpus_per_trial > 0
     count = max(1, int(gpus)) if use_gpu else 1
-    threads = max(1, int(min(cpus, sweep.fuse * sweep.cpus_per_worker)))
+    threads = max(1, int(min(cpus / count, sweep.fuse * sweep.cpus_per_worker)))
     remote = ray.remote(FusedWorker)
     options = {"num_cpus": threads, "num_gpus": 1 if use_gpu else 0, "max_concurrency": 4 * sweep.fuse + 8}
     return [remote.options(name=worker_name(sweep.name, i), **options).remote([data_ref], threads, use_gpu) for i in range(count)]
 
 
-def relay(config: dict, sweep, trial_name: str, index: int, checkpoint: dict[str, bytes] | None, report) -> None:
-    """A trial's side: attach to a worker (from ``checkpoint``'s files), then hand each epoch to
-    ``report(metrics, checkpoint_dir)``."""
+def relay(config: dict, sweep, checkpoint: dict[str, bytes] | None, report) -> None:
+    """A trial's side: attach to the least busy worker (from ``checkpoint``'s files), then hand each
+    epoch to ``report(metrics, checkpoint_dir)``."""
     import ray
 
     workers = [ray.get_actor(worker_name(sweep.name, i)) for i in range(_worker_count(sweep))]
-    worker = workers[index % len(workers)]
-    ray.get(worker.join.remote(trial_name, config, checkpoint))
+    worker = min(zip(ray.get([w.members.remote() for w in workers]), range(len(workers)), workers))[2]
+    token = ray.get(worker.join.remote(config, checkpoint))
     try:
-        with tempfile.TemporaryDirectory(prefix="toolbox-relay-") as scratch:
-            epoch = 0
-            while epoch < config["epochs"]:
-                metrics, files = ray.get(worker.next.remote(trial_name))
-                directory = write_checkpoint(files, Path(scratch) / f"epoch_{metrics['epoch']}") if files else None
+        epoch = 0
+        while epoch < config["epochs"]:
+            metrics, files = ray.get(worker.next.remote(token))
+            with tempfile.TemporaryDirectory(prefix="toolbox-relay-") as scratch:
+                directory = write_checkpoint(files, Path(scratch)) if files else None
                 report(metrics, str(directory) if directory else None)
-                epoch = metrics["epoch"]
+            epoch = metrics["epoch"]
     finally:  # Tune stopped the trial (SystemExit from its report), or it ended: the member leaves
-        worker.leave.remote(trial_name)
+        worker.leave.remote(token)
 
 
 def _worker_count(sweep) -> int:

@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from toolbox.config.resolve import KINDS, SELECTORS, all_keys, flag, resolve
+from toolbox.config.resolve import all_keys, changed_keys, flag
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.tuning.sweepfile import Sweep
 
@@ -152,13 +152,8 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
 def retrain_command(config: dict, name: str) -> str:
     """``python -m toolbox.run ...`` that trains exactly this config: its components, and every key
     whose value differs from what ``toolbox.run`` would use for them."""
-    config = resolve(config)  # canonical values: tuples, not the lists of a JSON round trip
-    defaults = resolve({r.selector: config[r.selector] for r in KINDS})
     words = ["python", "-m", "toolbox.run"]
-    for key, value in config.items():
-        names_a_component = key in SELECTORS and not SELECTORS[key].many
-        if value == defaults[key] and not names_a_component:
-            continue
+    for key, value in changed_keys(config).items():
         if isinstance(value, bool):
             words.append(flag(key) if value else "--no-" + flag(key)[2:])
         else:

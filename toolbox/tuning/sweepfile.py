@@ -151,7 +151,11 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
     if "space" not in values:
         raise ConfigError(f"{path}: no `space` defined (a dict of run keys to Tune domains)")
     values.setdefault("name", path.stem)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = values.get("trial_scheduler", FIELDS["trial_scheduler"].default)
+    if given.get("trial_scheduler", chosen) != chosen:
+        values.pop("scheduler_options", None)  # they were the file's scheduler's, not the one given instead
+    values.update(given)
     for name, value in values.items():
         values[name] = coerce(name, FIELD_RULES[name], value, label=f"{path}: {name}")
     values["base"] = {**values.get("base", {}), **(base_overrides or {})}

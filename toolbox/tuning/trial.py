@@ -17,7 +17,7 @@ from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
-from toolbox.training.checkpoint import STATE_FILE, load_latest, load_state
+from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
@@ -29,8 +29,8 @@ TRAIN_DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
 def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp: Place) -> None:
     """Tune entry point; ``data`` is ``[ObjectRef]`` of the shared dataset (one copy per node).
 
-    Our files go straight to the trial's dir under the sweep's storage: Tune's own trial dir is a
-    local staging dir whose files are synced only with checkpoints.
+    Our files go to the trial's dir under the sweep's storage (for a URI, through a local staging
+    copy): Tune's own trial dir is a local staging dir whose files are synced only with checkpoints.
     """
     import ray
     from ray import tune
@@ -145,23 +145,14 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
 
 def _train_fused(config: dict, sweep: Sweep, epoch_log: EpochLog, trial: Place) -> None:
     """The trial's member trains in the sweep's FusedWorker; this relays its epochs to Tune."""
-    from ray import tune
-
-    from toolbox.tuning.fused_trials import checkpoint_files, relay
+    from toolbox.training.loop import latest_checkpoint
+    from toolbox.tuning.fused_trials import relay
 
     session, resume_from = _tune_session(sweep, epoch_log, trial)
-    states = []  # as the loop restores: the later of Tune's checkpoint and the trial's own
-    checkpoint = session.latest_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            states.append((load_state(directory), checkpoint_files(directory)))
-    if resume_from:
-        states.append((load_state(resume_from), checkpoint_files(resume_from)))
-    state, files = max(states, key=lambda pair: pair[0]["epoch"], default=(None, None))
+    state, files = latest_checkpoint(session, resume_from, read_files=True)
     if state is not None:
         session.restored(state)
-    index = int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
-    relay(config, sweep, tune.get_context().get_trial_name(), index, files, session.report)
+    relay(config, sweep, files, session.report)
 
 
 def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial: Place) -> None:
@@ -182,5 +173,6 @@ def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial: Place) -> N
         callbacks=(TuneReportCallback(),),
         hparams=hparams(sweep, config),
         live_tags={"sweep": sweep.name, "trial": tune.get_context().get_trial_name()},
+        score=(sweep.metric, sweep.mode),
     )
     trainer.fit()
