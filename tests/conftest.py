@@ -46,3 +46,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config) -> None:
+    """Ray's token (token auth is on by default) is made once, before any test starts a Ray: two Rays
+    starting together on a fresh machine would otherwise each write one."""
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        generate_and_save_token()

@@ -14,7 +14,7 @@ import torch
 from helpers import TINY_DUMMY, collecting_session, train_locally
 from torch import nn
 
-from toolbox.components.models import MODELS, Dropout
+from toolbox.components.models import MODELS, Dropout, dropout_mask
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError, Param
@@ -23,7 +23,6 @@ from toolbox.data.tensors import TensorData
 from toolbox.training.builders import build_dataset
 from toolbox.training.checkpoint import load_state
 from toolbox.training.fused import FusedGroup, StopMember, fusable
-from toolbox.training.fused_model import dropout_scale
 
 BASE = {**TINY_DUMMY, "batch_size": 16, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "epochs": 3}
 TIMING = ("epoch_s", "samples_per_s", "first_step_time")
@@ -133,7 +132,7 @@ def test_dropout_masks_are_the_unfused_dropouts():
     torch.manual_seed(11)
     expected = [dropout(x), dropout(x)]
     generator = torch.Generator().manual_seed(11)
-    assert all(torch.equal(e, x * dropout_scale(x.shape, 0.3, generator, x.dtype)) for e in expected)
+    assert all(torch.equal(e, x * dropout_mask(x.shape, 0.3, generator, x.dtype)) for e in expected)
     assert torch.equal(generator.get_state(), torch.get_rng_state())
 
 

@@ -42,7 +42,8 @@ SMALL_SIZES = (
 # Mostly values of the flag's own type, at and beyond its edges; sometimes anything at all.
 INTS = st.one_of(st.integers(-3, 12), st.sampled_from(["0", "-1", "99999999999999999999", "1e3"]))
 FLOATS = st.one_of(
-    st.sampled_from(["0", "-0.0", "1e-9", "0.5", "1", "1.5", "nan", "inf", "-inf", "1e308"]), st.floats(-3, 3).map(repr)
+    st.sampled_from(["0", "-0.0", "1e-9", "0.5", "1", "1.5", "nan", "inf", "-inf", "1e308"]),
+    st.floats(-3, 3, allow_subnormal=False).map(repr),
 )
 ANY = st.one_of(st.text(max_size=5), st.sampled_from(["none", "None", "True", ""]))
 
@@ -84,18 +85,20 @@ def test_generated_run_flags_are_accepted_or_refused_in_one_line(words, tmp_path
 
 
 FIELD_VALUES = {
-    "num_samples": st.one_of(st.integers(-2, 4), st.floats(allow_nan=True), st.text(max_size=3), st.none()),
+    "num_samples": st.one_of(
+        st.integers(-2, 4), st.floats(allow_nan=True, allow_subnormal=False), st.text(max_size=3), st.none()
+    ),
     "epochs": st.one_of(st.integers(-2, 4), st.just(2.5), st.just("3")),
     "mode": st.sampled_from(["min", "max", "maximize", 1, None]),
     "metric": st.sampled_from(["val_loss", "val_top_1_accuracy", "acc", 3]),
     "trial_scheduler": st.sampled_from(["asha", "fifo", "hyperband", "median_stopping", "pbt", "bohb", ""]),
-    "cpus_per_worker": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-1, 2)),
-    "gpus_per_trial": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-1, 1)),
+    "cpus_per_worker": st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False), st.integers(-1, 2)),
+    "gpus_per_trial": st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False), st.integers(-1, 1)),
     "max_concurrent": st.integers(-2, 3),
     "scheduler_options": st.one_of(
         st.dictionaries(
             st.sampled_from(["grace_period", "reduction_factor", "brackets", "quantile_fraction", "bogus"]),
-            st.one_of(st.integers(-1, 5), st.floats(allow_nan=True), st.text(max_size=2)),
+            st.one_of(st.integers(-1, 5), st.floats(allow_nan=True, allow_subnormal=False), st.text(max_size=2)),
             max_size=2,
         ),
         st.just([1]),

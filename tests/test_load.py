@@ -53,7 +53,7 @@ class Driver:
 
 def run_together(drivers: list[Driver], timeout: float) -> list[str]:
     deadline = time.time() + timeout
-    while any(d.watch() for d in drivers) and time.time() < deadline:
+    while any([d.watch() for d in drivers]) and time.time() < deadline:  # a list: every driver is watched each round
         time.sleep(0.5)
     outputs = [d.output() for d in drivers]
     for driver, out in zip(drivers, outputs):

@@ -216,3 +216,20 @@ def test_bf16_units_are_read_from_cpuinfo(tmp_path):
     assert cpu_bf16_units(str(with_units)) == "amx_bf16, avx512_bf16"
     assert cpu_bf16_units(str(without)) is None
     assert cpu_bf16_units(str(tmp_path / "missing")) is None
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before_and_said(tmp_path, caplog):
+    """Auto-resume (a run dir) passes over a cut-short newest state.pt; an explicit damaged one is refused."""
+    from toolbox.config.registry import ConfigError
+    from toolbox.training.checkpoint import load_latest
+
+    config = resolve({**RESUMABLE, "epochs": 3})
+    train_locally(config, build_dataset(config), checkpoints=tmp_path / "run")
+    newest = tmp_path / "run" / "epoch_3" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="toolbox"):
+        directory, state = load_latest(tmp_path / "run")
+    assert directory == tmp_path / "run" / "epoch_2" and state["epoch"] == 2
+    assert "skipping damaged checkpoint" in caplog.text and "epoch_3" in caplog.text
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        load_latest(tmp_path / "run" / "epoch_3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
 from toolbox.training.epochlog import read_rows
 
-# About half a second an epoch on one thread: long enough to be killed inside one.
-RUN = ["--dummy-n-samples", "4000", "--dummy-val-n-samples", "256", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1"]
-RUN += ["--batch-size", "8", "--epochs", "5", "--seed", "1"]
+# About a second an epoch on one thread: long enough to be killed inside one, with epochs left after each fault.
+EPOCHS = 8
+RUN = ["--dummy-n-samples", "12000", "--dummy-val-n-samples", "256", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1"]
+RUN += ["--batch-size", "8", "--epochs", str(EPOCHS), "--seed", "1"]
 
 
 class Cli:
@@ -91,13 +93,13 @@ def uninterrupted(tmp_path_factory) -> dict:
     flags = dict(zip(RUN[::2], RUN[1::2]))
     config = resolve(
         {
-            "dummy_n_samples": 4000,
-            "dummy_val_n_samples": 256,
-            "ff_hidden_sizes": (32,),
-            "ff_dropout": 0.1,
+            "dummy_n_samples": int(flags["--dummy-n-samples"]),
+            "dummy_val_n_samples": int(flags["--dummy-val-n-samples"]),
+            "ff_hidden_sizes": (int(flags["--ff-hidden-sizes"]),),
+            "ff_dropout": float(flags["--ff-dropout"]),
             "batch_size": int(flags["--batch-size"]),
-            "epochs": 5,
-            "seed": 1,
+            "epochs": EPOCHS,
+            "seed": int(flags["--seed"]),
         }
     )
     threads = torch.get_num_threads()
@@ -107,59 +109,12 @@ def uninterrupted(tmp_path_factory) -> dict:
         train_locally(config, build_dataset(config), checkpoints=path)
     finally:
         torch.set_num_threads(threads)
-    return torch.load(path / "epoch_5" / "state.pt", weights_only=True)["model"]
+    return torch.load(path / f"epoch_{EPOCHS}" / "state.pt", weights_only=True)["model"]
 
 
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_finishes(workers, tmp_path, uninterrupted):
-    cli = Cli("run", *RUN, "--workers", str(workers), "--storage", str(tmp_path), "--name", "killed")
-    cli.wait_for("epoch 2/5")
-    victims = cli.processes("RayTrainWorker")
-    assert len(victims) == workers, [p.name() for p in victims]
-    victims[-1].send_signal(signal.SIGKILL)
-    code, out = cli.finish()
-    assert code == 0, out[-3000:]
-    assert_every_epoch_once(tmp_path / "killed", 5)
-    if workers == 1:  # from the epoch-2 checkpoint, with its RNG: the same weights as without the kill
-        assert_same_weights(latest_state(tmp_path / "killed")["model"], uninterrupted)
-
-
-@pytest.mark.timeout(420)
-def test_a_killed_driver_leaves_no_ray_behind_and_the_same_command_finishes_the_run(tmp_path, uninterrupted):
-    args = [*RUN, "--storage", str(tmp_path), "--name", "driver"]
-    cli = Cli("run", *args)
-    cli.wait_for("epoch 2/5")
-    ray_processes = cli.processes("ray")
-    assert ray_processes, "no Ray processes under the driver"
-    os.kill(cli.proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
-    cli.proc.wait()
-    _, alive = psutil.wait_procs(ray_processes, timeout=45)
-    assert not alive, f"still running after the driver died: {[p.name() for p in alive]}"
-
-    again = run(*args)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from epoch" in again.stdout
-    assert_every_epoch_once(tmp_path / "driver", 5)
-    assert_same_weights(latest_state(tmp_path / "driver")["model"], uninterrupted)
-
-
-@pytest.mark.timeout(420)
-def test_ctrl_c_says_what_is_kept_exits_130_and_the_run_continues(tmp_path, uninterrupted):
-    args = [*RUN, "--storage", str(tmp_path), "--name", "interrupted"]
-    cli = Cli("run", *args)
-    cli.wait_for("epoch 2/5")
-    os.kill(cli.proc.pid, signal.SIGINT)
-    code, out = cli.finish()
-    assert code == 130, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("toolbox.run: interrupted: ") and "keeps epochs 1-" in last and "re-run the same command" in last
-    assert "Traceback" not in out
-
-    again = run(*args)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert_every_epoch_once(tmp_path / "interrupted", 5)
-    assert_same_weights(latest_state(tmp_path / "interrupted")["model"], uninterrupted)
+def first_epoch(cli: Cli) -> int:
+    """Wait for the first epoch line the command prints; its epoch number."""
+    return int(re.search(rf"epoch (\d+)/{EPOCHS} ", cli.wait_for(f"/{EPOCHS}  lr ")).group(1))
 
 
 @pytest.fixture
@@ -187,24 +142,64 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.mark.timeout(420)
-def test_a_full_disk_stops_the_run_with_one_line_and_after_freeing_it_the_run_continues(small_disk, uninterrupted):
-    args = [*RUN, "--storage", str(small_disk), "--name", "full"]
-    cli = Cli("run", *args)
-    cli.wait_for("epoch 2/5")
+@pytest.mark.timeout(600)
+def test_ctrl_c_a_full_disk_a_killed_worker_and_a_killed_driver_each_leave_a_run_the_same_command_finishes(
+    small_disk, uninterrupted
+):
+    """One run, its faults each in the epoch after a command's first: Ctrl-C; a full disk; a SIGKILLed
+    worker, then the driver SIGKILLed. Every epoch is trained once and the weights are the faultless run's."""
+    args = [*RUN, "--storage", str(small_disk), "--name", "faults"]
+    run_dir = small_disk / "faults"
+
+    cli = Cli("run", *args)  # Ctrl-C: one line saying what is kept, exit 130
+    first_epoch(cli)
+    os.kill(cli.proc.pid, signal.SIGINT)
+    code, out = cli.finish()
+    assert code == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("toolbox.run: interrupted: ") and "keeps epochs 1-" in last and "re-run the same command" in last
+    assert "Traceback" not in out
+
+    cli = Cli("run", *args)  # a full disk: one line, exit 1, and what is there is whole
+    first_epoch(cli)
     filler = fill(small_disk)
     code, out = cli.finish()
     assert code == 1, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert "the disk is full" in last and "Traceback" not in out, out[-3000:]
-    for state in (small_disk / "full").rglob("state.pt"):  # what is there is whole
+    assert "the disk is full" in out.strip().splitlines()[-1] and "Traceback" not in out, out[-3000:]
+    for state in run_dir.rglob("state.pt"):
         torch.load(state, weights_only=True)
-
     filler.unlink()
+
+    cli = Cli("run", *args)  # a worker SIGKILLed mid-epoch: the group restarts from the latest checkpoint
+    first_epoch(cli)
+    victims = cli.processes("RayTrainWorker")
+    assert len(victims) == 1, [p.name() for p in victims]
+    victims[0].send_signal(signal.SIGKILL)
+    first_epoch(cli)  # the restarted group trains on
+    ray_processes = cli.processes("ray")  # then the driver alone, as the OOM killer would: the reaper ends its Ray
+    assert ray_processes, "no Ray processes under the driver"
+    os.kill(cli.proc.pid, signal.SIGKILL)
+    cli.proc.wait()
+    _, alive = psutil.wait_procs(ray_processes, timeout=45)
+    assert not alive, f"still running after the driver died: {[p.name() for p in alive]}"
+
     again = run(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert_every_epoch_once(small_disk / "full", 5)
-    assert_same_weights(latest_state(small_disk / "full")["model"], uninterrupted)
+    assert "resuming from epoch" in again.stdout
+    assert_every_epoch_once(run_dir, EPOCHS)
+    assert_same_weights(latest_state(run_dir)["model"], uninterrupted)
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_worker_of_two_restarts_the_group_from_the_checkpoint_and_finishes(tmp_path):
+    cli = Cli("run", *RUN, "--workers", "2", "--storage", str(tmp_path), "--name", "killed")
+    first_epoch(cli)
+    victims = cli.processes("RayTrainWorker")
+    assert len(victims) == 2, [p.name() for p in victims]
+    victims[-1].send_signal(signal.SIGKILL)
+    code, out = cli.finish()
+    assert code == 0, out[-3000:]
+    assert_every_epoch_once(tmp_path / "killed", EPOCHS)
 
 
 SWEEP = """\
@@ -249,10 +244,19 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
         assert_every_epoch_once(trial, 4)
 
 
-@pytest.mark.timeout(420)
-def test_ctrl_c_of_a_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
-    path = write_sweep(tmp_path, 'space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3])}\nmax_concurrent = 1\n')
-    cli = Cli("sweep", str(path), "--storage", str(tmp_path))
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "toolbox.sweep", *args], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_of_a_sweep_exits_130_the_same_command_finishes_it_and_the_retrain_command_reproduces_the_best(tmp_path):
+    """--seed and --batch-size, like every other non-default key, are on the re-train command."""
+    extra = 'space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3])}\nmax_concurrent = 1\nbase["dummy_n_samples"] = 16000\n'
+    path = write_sweep(tmp_path, extra)  # batches of 32 from 16000 samples: as long a trial as SWEEP's
+    args = [str(path), "--storage", str(tmp_path), "--seed", "3", "--batch-size", "32"]
+    cli = Cli("sweep", *args)
     cli.wait_for("[1/3]")
     os.kill(cli.proc.pid, signal.SIGINT)
     code, out = cli.finish()
@@ -260,19 +264,22 @@ def test_ctrl_c_of_a_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
     assert "interrupted" in out.strip().splitlines()[-1] and "re-run the same command" in out.strip().splitlines()[-1]
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
     assert "interrupted" in {r["status"] for r in rows} or len(rows) < 3, rows
-    again = subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    again = sweep(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
     for trial in trial_dirs(tmp_path / "faults"):
         assert_every_epoch_once(trial, 4)
+
+    best = json.loads((tmp_path / "faults" / "best.json").read_text())
+    command = best["command"].split()
+    assert "--seed" in command and "--batch-size" in command and command[:3] == ["python", "-m", "toolbox.run"]
+    retrained = run(*command[3:], "--storage", str(tmp_path / "retrained"))
+    assert retrained.returncode == 0, retrained.stdout[-3000:] + retrained.stderr[-3000:]
+    trial = latest_state(Path(best["checkpoint"]).parent)
+    assert trial["epoch"] == 4
+    assert_same_weights(latest_state(tmp_path / "retrained")["model"], trial["model"])
 
 
 @pytest.mark.timeout(300)
@@ -287,38 +294,8 @@ def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
         epochs = 1
         """,
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    done = sweep(str(path), "--storage", str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 of 2 trials errored" in done.stderr.strip().splitlines()[-1]
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["done", "error"]
-
-
-@pytest.mark.timeout(420)
-def test_the_retrain_command_reproduces_its_trial_exactly(tmp_path):
-    """batch size, seed and every other non-default key are on the command: the weights are the trial's."""
-    path = write_sweep(tmp_path, 'space = {"lr": tune.grid_search([2e-3])}\nepochs = 2\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path), "--seed", "3", "--batch-size", "32"],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    best = json.loads((tmp_path / "faults" / "best.json").read_text())
-    command = best["command"].split()
-    assert "--seed" in command and "--batch-size" in command and command[:3] == ["python", "-m", "toolbox.run"]
-    again = run(*command[3:], "--storage", str(tmp_path / "retrained"))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    trial = torch.load(Path(best["checkpoint"]) / "state.pt", weights_only=True)
-    assert trial["epoch"] == 2
-    assert_same_weights(latest_state(tmp_path / "retrained")["model"], trial["model"])

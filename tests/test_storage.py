@@ -7,11 +7,11 @@ import pickle
 
 import pyarrow.fs
 
-from toolbox.distributed.storage import filesystem_for
+from toolbox.distributed.storage import atomic_local_files, delete_deferred
 
 
 def test_a_file_appears_only_when_closed_and_whole(tmp_path):
-    fs = filesystem_for(str(tmp_path))
+    fs = atomic_local_files()
     with fs.open_output_stream(str(tmp_path / "state.pt")) as out:
         out.write(b"x" * 1000)
         assert not (tmp_path / "state.pt").exists()  # a reader sees nothing yet, not a partial file
@@ -24,13 +24,13 @@ def test_directories_copy_through_it(tmp_path):
     (source / "sub").mkdir(parents=True)
     (source / "sub" / "big.bin").write_bytes(bytes(range(256)) * 9000)
     (source / "meta.json").write_text("{}")
-    pyarrow.fs.copy_files(str(source), str(tmp_path / "copy"), pyarrow.fs.LocalFileSystem(), filesystem_for(str(tmp_path)))
+    pyarrow.fs.copy_files(str(source), str(tmp_path / "copy"), pyarrow.fs.LocalFileSystem(), atomic_local_files())
     assert (tmp_path / "copy" / "sub" / "big.bin").read_bytes() == (source / "sub" / "big.bin").read_bytes()
     assert (tmp_path / "copy" / "meta.json").read_text() == "{}"
 
 
 def test_a_cut_short_experiment_state_keeps_the_previous_one(tmp_path):
-    fs = filesystem_for(str(tmp_path))
+    fs = atomic_local_files()
     path = tmp_path / "experiment_state-2026-01-01_00-00-00.json"
     good = json.dumps({"trial_data": [["a", "b"]] * 50}).encode()
     for data in (good, b"", good[: len(good) // 2]):  # whole, then empty and cut short (a copy racing a rewrite)
@@ -49,7 +49,32 @@ def test_a_cut_short_experiment_state_keeps_the_previous_one(tmp_path):
     assert other.read_bytes() == b'{"a": 1}\n{"a"'
 
 
-def test_it_travels_by_pickle_and_uris_keep_rays_choice(tmp_path):
-    fs = filesystem_for(str(tmp_path))
+def test_it_travels_by_pickle():
+    fs = atomic_local_files()
     assert pickle.loads(pickle.dumps(fs)) == fs
-    assert filesystem_for("s3://bucket/sweeps") is None
+
+
+def test_tunes_checkpoint_deletions_wait_for_two_snapshots_and_trains_happen_at_once(tmp_path):
+    """A snapshot being uploaded may still name a checkpoint Tune deletes meanwhile: it goes only once the
+    second snapshot after the deletion is out. Train records before it deletes: its go at once."""
+    fs = atomic_local_files()
+    trial, run = tmp_path / "run_trial_0", tmp_path / "run"
+    for checkpoint in (trial / "checkpoint_000001", run / "checkpoint_2026-12-01"):
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.pt").write_bytes(b"x")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    fs.delete_dir(str(run / "checkpoint_2026-12-01"))
+    assert not (run / "checkpoint_2026-12-01").exists()
+
+    fs.delete_dir(str(trial / "checkpoint_000001"))
+    snapshot = str(tmp_path / "experiment_state-2026-12-01.json")
+    for published in range(2):
+        assert (trial / "checkpoint_000001" / "state.pt").exists(), f"deleted after {published} snapshot(s)"
+        with fs.open_output_stream(snapshot) as out:
+            out.write(json.dumps({"published": published}).encode())
+    assert not (trial / "checkpoint_000001").exists()
+
+    (trial / "checkpoint_000002").mkdir()
+    fs.delete_dir(str(trial / "checkpoint_000002"))
+    delete_deferred()  # the sweep's end: nothing can be restored from a snapshot any more
+    assert not (trial / "checkpoint_000002").exists()

@@ -74,6 +74,7 @@ def test_smoke_sweep_writes_results(smoke):
     for plot in ("val_metric.png", "lr_schedule.png"):
         assert (exp_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "rank  trial" in proc.stdout  # the ranked table
+    assert "Traceback" not in proc.stdout + proc.stderr and proc.stderr == "", proc.stderr[-2000:]  # none of Ray's own
     trial_dir = Path(rows[0]["trial_dir"])
     epochs = pq.read_table(trial_dir / "epochs.parquet").to_pylist()
     assert [e["epoch"] for e in epochs] == list(range(1, rows[0]["epochs"] + 1))
@@ -130,10 +131,9 @@ def test_asha_stops_bad_trials_early(tmp_path):
 @pytest.mark.parametrize(
     "space, num_samples",
     [
-        ('{"lr": tune.loguniform(1e-3, 1e-2)}', 6),
         ('{"lr": tune.grid_search([1e-3, 2e-3, 3e-3]), "weight_decay": tune.grid_search([0.0, 0.01])}', 1),
     ],
-    ids=["random", "grid"],
+    ids=["grid"],
 )
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space, num_samples):
     path = write(
@@ -192,8 +192,8 @@ def test_train_in_tune_trials_free_their_workers(tmp_path):
     path = write(
         tmp_path,
         """\
-        space = {"lr": tune.grid_search([1e-3, 3e-2, 1e-7, 1e-7])}
-        epochs = 3
+        space = {"lr": tune.grid_search([3e-2, 1e-7])}
+        epochs = 2
         workers_per_trial = 2
         cpus_per_worker = 1
         scheduler_options = {"grace_period": 1, "reduction_factor": 2}
@@ -203,7 +203,7 @@ def test_train_in_tune_trials_free_their_workers(tmp_path):
     proc = sweep(str(path), "--storage", str(tmp_path), timeout=360)  # the watchdog
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "tight" / "results.parquet").to_pylist()
-    assert len(rows) == 4 and all(r["epochs"] >= 1 for r in rows)
+    assert len(rows) == 2 and all(r["epochs"] >= 1 for r in rows)
     assert any(r["status"] == "stopped" for r in rows), "ASHA should stop a hopeless trial"
     assert rows[0]["checkpoint"] and "/train/checkpoint_" in rows[0]["checkpoint"]  # the trial's own Train run
 

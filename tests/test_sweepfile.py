@@ -108,3 +108,13 @@ def test_cli_override_is_checked_too(tmp_path):
         load(path, {"num_samples": 0})
     with pytest.raises(ConfigError, match=r"--ff-dropout must be >= 0 and < 1, got 1.5"):
         load(path, base_overrides={"ff_dropout": 1.5})
+
+
+def test_another_trial_scheduler_on_the_command_line_drops_the_files_options():
+    """--trial-scheduler fifo on lr_sched.py: its ASHA options are not fifo's, and the sweep still loads."""
+    sweep = load(ROOT / "sweeps" / "lr_sched.py", {"trial_scheduler": "fifo"})
+    assert sweep.trial_scheduler == "fifo" and sweep.scheduler_options == {}
+    assert load(ROOT / "sweeps" / "lr_sched.py", {"trial_scheduler": "asha"}).scheduler_options == {
+        "grace_period": 1,
+        "reduction_factor": 3.0,
+    }
