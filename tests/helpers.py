@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -103,3 +105,16 @@ def python_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **extra}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
+
+
+def start_cli(module: str, *args: str) -> subprocess.Popen:
+    """``python -m toolbox.<module> ...`` in a session of its own, stdout and stderr as one text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"toolbox.{module}", *args],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )

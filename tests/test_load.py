@@ -4,15 +4,13 @@ for all its work, and leaves no Ray process and no placement group behind."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env
+from helpers import start_cli
 
 TINY = """\
 from ray import tune
@@ -27,15 +25,7 @@ class Driver:
     """A toolbox CLI in its own session; remembers every process below it, to check none outlives it."""
 
     def __init__(self, module: str, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"toolbox.{module}", *args],
-            cwd=ROOT,
-            env=python_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = start_cli(module, *args)
         self.seen: dict[int, psutil.Process] = {}
 
     def watch(self) -> bool:

@@ -17,7 +17,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import ROOT, assert_same_weights, latest_state, python_env, train_locally
+from helpers import ROOT, assert_same_weights, latest_state, python_env, start_cli, train_locally
 
 from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
@@ -33,15 +33,7 @@ class Cli:
     """``python -m toolbox.<module> ...`` in a session of its own, its output read line by line."""
 
     def __init__(self, module: str, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"toolbox.{module}", *args],
-            cwd=ROOT,
-            env=python_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = start_cli(module, *args)
         self.lines: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 240) -> str:
