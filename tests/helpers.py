@@ -107,6 +107,18 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m toolbox.<module> ...`` to its end, its stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", f"toolbox.{module}", *args],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_cli(module: str, *args: str) -> subprocess.Popen:
     """``python -m toolbox.<module> ...`` in a session of its own, stdout and stderr as one text pipe."""
     return subprocess.Popen(

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env
+from helpers import run_cli
 
 GRID = """\
 from ray import tune
@@ -23,14 +22,7 @@ trial_scheduler = "fifo"
 
 
 def sweep(path: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", str(path), *args],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    done = run_cli("sweep", str(path), *args, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

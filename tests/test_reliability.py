@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import ROOT, assert_same_weights, latest_state, python_env, start_cli, train_locally
+from helpers import assert_same_weights, latest_state, run_cli, start_cli, train_locally
 
 from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
@@ -61,10 +60,8 @@ class Cli:
         return self.proc.returncode, "".join(self.lines) + out
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "toolbox.run", *args], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=timeout
-    )
+def run(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("run", *args)
 
 
 def logged_epochs(run_dir: Path) -> list[int]:
@@ -237,9 +234,7 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", *args], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300
-    )
+    return run_cli("sweep", *args)
 
 
 @pytest.mark.timeout(600)

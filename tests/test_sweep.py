@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env
+from helpers import ROOT, python_env, run_cli
 
 TINY = """\
 from ray import tune
@@ -24,14 +24,7 @@ num_samples = 1  # each grid value once
 
 
 def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "toolbox.sweep", *args],
-        cwd=ROOT,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli("sweep", *args, timeout=timeout)
 
 
 def write(tmp_path: Path, body: str, name: str) -> Path:
