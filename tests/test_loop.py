@@ -233,3 +233,30 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before_and_said(tmp_
     assert "skipping damaged checkpoint" in caplog.text and "epoch_3" in caplog.text
     with pytest.raises(ConfigError, match="is not a readable checkpoint"):
         load_latest(tmp_path / "run" / "epoch_3")
+
+
+def test_a_retried_group_continues_from_rays_checkpoint_when_the_one_it_resumed_from_is_gone(tmp_path, caplog):
+    """A re-run resumes from epoch 2; Ray keeps epoch 3 and removes epoch 2; a worker dies: the restarted
+    group continues from Ray's epoch 3. With no checkpoint of Ray's, the missing one is an error."""
+    from ray.train import Checkpoint
+
+    from toolbox.config.registry import ConfigError
+
+    config = resolve({**RESUMABLE, "epochs": 4})
+    data = build_dataset(config)
+    train_locally(config, data, checkpoints=tmp_path / "run")
+    full = train_locally(config, data, checkpoints=tmp_path / "full")
+    gone = tmp_path / "run" / "epoch_2"
+    for file in gone.iterdir():
+        file.unlink()
+    gone.rmdir()
+
+    rows: list[dict] = []
+    session = collecting_session(rows, tmp_path / "retried")
+    session.latest_checkpoint = lambda: Checkpoint.from_directory(str(tmp_path / "run" / "epoch_3"))
+    with caplog.at_level("WARNING", logger="toolbox"):
+        train(config, data, session, str(gone))
+    assert [r["epoch"] for r in rows] == [4] and "continuing from Ray's latest checkpoint" in caplog.text
+    compare_rows(rows, full[3:])
+    with pytest.raises(ConfigError, match="no state.pt in"):
+        train(config, data, collecting_session([], tmp_path / "fresh"), str(gone))

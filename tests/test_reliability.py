@@ -106,18 +106,6 @@ def first_epoch(cli: Cli) -> int:
     return int(re.search(rf"epoch (\d+)/{EPOCHS} ", cli.wait_for(f"/{EPOCHS}  lr ")).group(1))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MB tmpfs: a real filesystem that fills up (mounting needs root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def fill(disk: Path) -> Path:
     """Fill the disk to the last byte; returns the filler to delete."""
     filler = disk / "filler"

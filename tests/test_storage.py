@@ -6,6 +6,7 @@ import json
 import pickle
 
 import pyarrow.fs
+import pytest
 
 from toolbox.distributed.storage import atomic_local_files, delete_deferred
 
@@ -78,3 +79,14 @@ def test_tunes_checkpoint_deletions_wait_for_two_snapshots_and_trains_happen_at_
     fs.delete_dir(str(trial / "checkpoint_000002"))
     delete_deferred()  # the sweep's end: nothing can be restored from a snapshot any more
     assert not (trial / "checkpoint_000002").exists()
+
+
+def test_a_write_to_a_full_disk_leaves_no_temporary_even_unclosed(small_disk):
+    """A worker killed after its failed upload never closes the file: the temporary is gone already."""
+    out = atomic_local_files().open_output_stream(str(small_disk / "state.pt"))
+    with pytest.raises(OSError, match="No space left on device"):
+        for _ in range(100):
+            out.write(b"x" * (1 << 16))
+    assert list(small_disk.iterdir()) == []
+    out.close()
+    assert list(small_disk.iterdir()) == []

@@ -17,6 +17,7 @@ checkpoint dirs therefore wait until no published record can name them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import io
@@ -105,12 +106,18 @@ class _RenamedOnClose(io.FileIO):
         try:
             written = super().write(data)
         except OSError:
-            self._failed = True
+            self._fail()
             raise
         if written is not None and written < len(memoryview(data)):  # a short write: the disk is full
-            self._failed = True
+            self._fail()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._final)
         return written
+
+    def _fail(self) -> None:
+        """Removed at once: a worker that failed may be killed before the file is closed."""
+        self._failed = True
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._temporary)
 
     def close(self) -> None:
         if self.closed:
@@ -124,7 +131,8 @@ class _RenamedOnClose(io.FileIO):
         finally:
             super().close()
             if self._failed or not _whole(self._final, self._temporary):
-                os.remove(self._temporary)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self._temporary)
             else:
                 os.replace(self._temporary, self._final)  # atomic on POSIX
                 _published(self._final)

@@ -105,7 +105,8 @@ def torch_trainer(
                 num_to_keep=1, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
             ),
             failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[*callbacks, epoch_log_callback(storage, config["epochs"], hparams)],
+            # The epoch table first: Tune may stop a trial inside TuneReportCallback's report.
+            callbacks=[epoch_log_callback(storage, config["epochs"], hparams), *callbacks],
         ),
     )
 

@@ -24,7 +24,7 @@ log = logging.getLogger("toolbox")
 def restore_state(session: Session, resume_from: str | None) -> dict | None:
     """The later of Ray's latest checkpoint (a retried run) and ``resume_from``; Ray's on a tie.
 
-    A damaged checkpoint of Ray's is passed over: the caller's is one it has read whole."""
+    A damaged checkpoint of Ray's is passed over, and so is a ``resume_from`` gone since (Ray keeps one)."""
     return latest_checkpoint(session, resume_from)[0]
 
 
@@ -39,7 +39,13 @@ def latest_checkpoint(session: Session, resume_from: str | None, read_files: boo
             except ConfigError as exc:
                 log.warning("skipping Ray's latest checkpoint: %s", exc)
     if resume_from:
-        found.append((load_state(resume_from), checkpoint_files(resume_from) if read_files else None))
+        try:
+            found.append((load_state(resume_from), checkpoint_files(resume_from) if read_files else None))
+        except ConfigError as exc:
+            if not found:
+                raise
+            # A retried group's run has checkpoints of its own since, and Ray may have removed this one.
+            log.warning("continuing from Ray's latest checkpoint: %s", exc)
     return max(found, key=lambda pair: pair[0]["epoch"], default=(None, None))
 
 
