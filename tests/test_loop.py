@@ -260,3 +260,46 @@ def test_a_retried_group_continues_from_rays_checkpoint_when_the_one_it_resumed_
     compare_rows(rows, full[3:])
     with pytest.raises(ConfigError, match="no state.pt in"):
         train(config, data, collecting_session([], tmp_path / "fresh"), str(gone))
+
+
+FLUSH_ORDER = """\
+import sys, threading, torch
+from toolbox.config.resolve import resolve
+from toolbox.training.builders import build_dataset
+from toolbox.training.loop import flush_denormals
+from toolbox.data.tensors import TensorData
+
+if not torch.set_flush_denormal(False):
+    sys.exit(print("unsupported"))
+torch.set_num_threads(2)
+made = []  # made on another thread, as the driver's put makes it: this thread has no OpenMP threads yet
+threading.Thread(target=lambda: made.append(build_dataset(resolve({"dummy_n_samples": 1 << 17})).to_shared())).start()
+while not made:
+    threading.Event().wait(0.05)
+if sys.argv[1] == "first":
+    flush_denormals()
+TensorData.from_shared(made[0])  # its label check is a parallel op: OpenMP starts this thread's team here
+flush_denormals()
+subnormal = torch.full((1 << 22,), 1 << 20, dtype=torch.int32).view(torch.float32)
+print(int((subnormal * 1.0).count_nonzero()))
+"""
+
+
+def test_denormals_are_flushed_on_every_openmp_thread_only_when_flushed_before_the_first_parallel_op():
+    """Why train_worker and run_trial call flush_denormals first: OpenMP threads keep the mode they started with."""
+    import subprocess
+    import sys
+
+    from helpers import python_env
+
+    left = {}
+    for order in ("first", "late"):
+        done = subprocess.run(
+            [sys.executable, "-c", FLUSH_ORDER, order], capture_output=True, text=True, env=python_env(), timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        if done.stdout.split()[-1] == "unsupported":
+            pytest.skip("this CPU cannot flush denormals")
+        left[order] = int(done.stdout.split()[-1])
+    assert left["first"] == 0
+    assert left["late"] > 0, "a thread started before the flush flushed anyway: the entry points' order no longer matters"

@@ -31,9 +31,10 @@ def train_worker(loop_config: dict) -> None:
     from toolbox.distributed.cluster import quiet_ray
     from toolbox.distributed.live_metrics import LiveMetrics
     from toolbox.training.epochlog import format_row
-    from toolbox.training.loop import train
+    from toolbox.training.loop import flush_denormals, train
     from toolbox.training.session import train_session
 
+    flush_denormals()
     quiet_ray()
     torch.set_num_threads(loop_config["threads"])
     data = TensorData.from_shared(ray.get(loop_config["data"]))

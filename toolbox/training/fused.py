@@ -31,7 +31,7 @@ from toolbox.data.tensors import DataSpec, TensorData
 from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
 from toolbox.training.fused_model import StackedModel, layout, no_stacked_form
 from toolbox.training.fused_optim import StackedOptimizer, member_moments, member_state_dict, no_stacked_step
-from toolbox.training.loop import EVAL_BATCH, report_epoch, restore_state
+from toolbox.training.loop import EVAL_BATCH, flush_denormals, report_epoch, restore_state
 from toolbox.training.resume import restore_optimization
 from toolbox.training.session import Session
 
@@ -126,7 +126,7 @@ class FusedGroup:
     Sessions must be single-process (rank 0 of 1) on one device."""
 
     def __init__(self, data: TensorData, members: Iterable[tuple[dict, Session]] = ()):
-        torch.set_flush_denormal(True)  # as loop.train does first: OpenMP threads started from here on inherit it
+        flush_denormals()
         self.data, self.device = data, None
         self.members: list[Member] = []  # in the stack's order
         self.joining: list[Member] = []
@@ -168,7 +168,7 @@ class FusedGroup:
 
     def train_epoch(self) -> None:
         """The next epoch of every member (joining ones first join), reported per member; then finished and stopped ones leave."""
-        torch.set_flush_denormal(True)  # subnormal moments are slow on x86 (loop.train); the calling thread may be new
+        flush_denormals()  # the calling thread may be new
         if self.joining:
             self._restack([*self.members, *self.joining])
         if not self.members:

@@ -59,13 +59,20 @@ def _rng_states(session: Session) -> dict:
     return {"torch": own, "per_rank": per_rank}
 
 
+def flush_denormals() -> None:
+    """Flush subnormal floats to zero in this thread and in the OpenMP threads it starts from now on.
+
+    Adam's moments turn subnormal where gradients are zero (dead ReLUs), and x86 computes those on a
+    slow path. OpenMP threads keep the mode they started with, so a thread that runs ``train`` calls
+    this before its first parallel op (checking a dataset's labels is one)."""
+    torch.set_flush_denormal(True)
+
+
 def train(config: dict, data: TensorData, session: Session, resume_from: str | None = None) -> None:
     """Train for config["epochs"], reporting one row and one checkpoint per epoch.
 
-    The calling thread keeps flushing subnormal floats to zero afterwards (see below)."""
-    # Adam's moments turn subnormal where gradients are zero (dead ReLUs), and x86 computes those on
-    # a slow path. The mode is per thread: set first, the OpenMP threads torch starts inherit it.
-    torch.set_flush_denormal(True)
+    The calling thread keeps flushing subnormal floats to zero afterwards (``flush_denormals``)."""
+    flush_denormals()
     torch.manual_seed(config["seed"])  # same initial weights on every rank
     model = build_model(config, data.spec)
     state = restore_state(session, resume_from)

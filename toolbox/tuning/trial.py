@@ -136,8 +136,9 @@ def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
 def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial: Place) -> None:
     import ray
 
-    from toolbox.training.loop import train
+    from toolbox.training.loop import flush_denormals, train
 
+    flush_denormals()
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session, resume_from = _tune_session(sweep, epoch_log, trial)
     train(config, TensorData.from_shared(ray.get(data_ref)), session, resume_from)
