@@ -1,5 +1,6 @@
 """``fuse = K`` sweeps end to end: each member stays a Tune trial, gives the unfused trial's numbers,
-is stopped by ASHA on its own and exploited by PBT; trials that cannot fuse run unfused, said once."""
+is stopped by ASHA and median stopping on its own and exploited by PBT; trials that
+cannot fuse run unfused, said once."""
 
 from __future__ import annotations
 
@@ -56,23 +57,30 @@ def test_fused_trials_give_the_unfused_trials_numbers(tmp_path):
     assert len(results) == 6 and all(r["status"] == "done" for r in results)
 
 
+EARLY_STOPPING = {  # HyperBand pauses trials: its sweeps run unfused (test_sweepfile)
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "median_stopping": {"grace_period": 1, "min_samples_required": 2},
+}
+
+
 @pytest.mark.timeout(600)
-def test_asha_stops_fused_members_on_their_own(tmp_path):
+@pytest.mark.parametrize("scheduler", EARLY_STOPPING)
+def test_early_stopping_stops_fused_members_on_their_own(scheduler, tmp_path):
     path = write(
         tmp_path,
-        "asha",
+        scheduler,
         GRID.replace("[1e-3, 3e-3, 1e-2]", "[3e-2, 1e-2, 1e-7, 1e-7]")
         .replace(
-            'trial_scheduler = "fifo"', 'trial_scheduler = "asha"\nscheduler_options = {"grace_period": 1, "reduction_factor": 2}'
+            'trial_scheduler = "fifo"', f"trial_scheduler = {scheduler!r}\nscheduler_options = {EARLY_STOPPING[scheduler]!r}"
         )
         .replace("epochs = 3", "epochs = 4"),
     )
     sweep(path, "--storage", str(tmp_path), "--fuse", "4")
-    rows = pq.read_table(tmp_path / "asha" / "results.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / scheduler / "results.parquet").to_pylist()
     assert len(rows) == 8
     assert any(r["status"] == "stopped" and r["epochs"] < 4 for r in rows), rows
     assert any(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
-    for trial, epochs in epochs_by_trial(tmp_path / "asha").items():
+    for trial, epochs in epochs_by_trial(tmp_path / scheduler).items():
         assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1)), trial
 
 

@@ -118,3 +118,14 @@ def test_another_trial_scheduler_on_the_command_line_drops_the_files_options():
         "grace_period": 1,
         "reduction_factor": 3.0,
     }
+
+
+@pytest.mark.parametrize("scheduler", ["asha", "hyperband"])
+def test_fuse_falls_back_for_hyperband_and_says_why(scheduler, tmp_path, caplog):
+    """HyperBand pauses trials; a fused member's paused trial is never resumed, so its sweeps run unfused."""
+    path = write(tmp_path, GOOD.replace("num_samples = 2", f"num_samples = 2\nfuse = 2\ntrial_scheduler = {scheduler!r}"))
+    sweep = load(path)
+    data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
+    with caplog.at_level("INFO", logger="toolbox"):
+        sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
+    assert (sweep.fuse, "HyperBand pauses trials" in caplog.text) == ((0, True) if scheduler == "hyperband" else (2, False))

@@ -129,6 +129,8 @@ def _fall_back_unless_fusable(sweep: Sweep, spec, address: str | None) -> None:
     from toolbox.training.fused import fusable
 
     reason = "it needs the private local Ray (its worker holds a custom resource)" if address else None
+    if sweep.trial_scheduler == "hyperband":
+        reason = reason or "HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed"
     for params in candidate_params(sweep.space):
         reason = reason or fusable([sweep.trial_config(params)], spec)
     if reason:
