@@ -130,8 +130,6 @@ def start(
         configure_logging=True,
         resources=extra_resources or None,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        # Ray runs its workers at nice 15, where any busy process on the machine starves training.
-        _system_config={} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0},
     )
     node = ray._private.worker._global_node
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
