@@ -86,8 +86,10 @@ class FusedWorker:
             resume = str(write_checkpoint(checkpoint, Path(scratch))) if checkpoint else None
             with self.lock:
                 self.seats[token] = seat
-                group = self.groups.setdefault(group_key(config), FusedGroup(self.data))
-                group.add(config, session, resume)  # reads the checkpoint now
+                key = group_key(config)
+                if key not in self.groups:
+                    self.groups[key] = FusedGroup(self.data)
+                self.groups[key].add(config, session, resume)  # reads the checkpoint now
         self.work.set()
         return token
 
