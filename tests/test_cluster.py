@@ -48,3 +48,31 @@ def test_every_port_of_the_local_ray_listens_on_loopback_and_the_job_has_the_run
     assert not public, f"listening beyond loopback: {public}"
     assert seen["agent_port"] not in (52365, -1), "the dashboard agent's HTTP port is Ray's fixed default, or off"
     assert "toolbox.run listeners" in seen["names"]
+
+
+LEAN_RUN = """
+import json, sys, ray
+from ray.util.state import list_actors
+from toolbox import run
+from toolbox.distributed import cluster
+plan = run.prepare(["--dummy-n-samples", "64", "--dummy-val-n-samples", "32", "--epochs", "1", "--batch-size", "16",
+                    "--storage", sys.argv[1], "--name", "lean"])
+run.fit(plan)
+actors = sorted({actor.class_name for actor in list_actors(limit=1000)})
+processes = sorted(ray._private.worker._global_node.all_processes)
+cluster.stop()
+print(json.dumps({"actors": actors, "processes": processes}))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_run_on_the_local_ray_starts_no_process_that_only_takes_cpu_from_training(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", LEAN_RUN, str(tmp_path)], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"RayTrainWorker", "TrainController"} <= set(seen["actors"]), seen  # the run's own actors are listed
+    assert not {"DatasetManager", "PreemptionWatcher"} & set(seen["actors"]), seen["actors"]
+    assert {"raylet", "gcs_server"} <= set(seen["processes"]), seen
+    assert "log_monitor" not in seen["processes"], seen["processes"]

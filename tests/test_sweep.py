@@ -210,8 +210,10 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
         num_samples = 4
         epochs = 6
         trial_scheduler = "pbt"
-        # A chance to exploit after every epoch, for the bottom half: whether a trial is in the bottom
-        # quarter when it reaches a perturbation point depends on how the 2 running trials interleave.
+        # PBT exploits only among unfinished trials, so all 4 run at once, with epochs long enough to overlap
+        # however late one starts; a chance to exploit after every epoch, for the bottom half.
+        cpus_per_worker = 0.5
+        base = {**base, "dummy_n_samples": 4096}
         scheduler_options = {"perturbation_interval": 1, "quantile_fraction": 0.5}
         """,
         "pbt",

@@ -37,6 +37,8 @@ from toolbox.tuning.sweepfile import load
 
 SECTIONS = ("data", "overhead", "sweep", "memory", "ddp", "fused")
 MNIST_TRAIN_SAMPLES = 60_000
+# Each timed figure is the fastest of RUN_EPOCHS - 1 tries: toolbox.run's epochs after its first, and as many bare epochs.
+RUN_EPOCHS = 5
 NEEDS = {"sweep": "optuna", "memory": "psutil"}  # the bench extra: pip install -e '.[bench]'
 
 
@@ -143,12 +145,12 @@ def _collecting(rows: list[dict], device: str = "cpu"):
 
 
 def bench_data(table: Table, args, out: Path) -> None:
-    config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": 3})
+    config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": RUN_EPOCHS})
     data = build_dataset(config)
     samples = len(data.train_y)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
-    plain_s = min(plain_epoch(config, data) for _ in range(2))
+    plain_s = min(plain_epoch(config, data) for _ in range(RUN_EPOCHS - 1))
     rows: list[dict] = []
     train(config, data, _collecting(rows))
     loop_s = min(samples / row["samples_per_s"] for row in rows)
@@ -184,7 +186,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     all_cores = _run_epochs(out, args, 1, threads, *original_model)
     run_epoch = min(row["epoch_s"] for row in all_cores)
     # The bare float32 loop, training and validating as toolbox.run's epoch does, at the same threads.
-    bare = min(plain_epoch({**config, "ff_dropout": ORIGINAL_DROPOUT}, data, validate=True) for _ in range(2))
+    bare = min(plain_epoch({**config, "ff_dropout": ORIGINAL_DROPOUT}, data, validate=True) for _ in range(RUN_EPOCHS - 1))
     table.add(
         f"MNIST epoch (train + val), `toolbox.run` vs the bare float32 loop (train + val), dropout {ORIGINAL_DROPOUT}, {threads} threads each",
         run_epoch,
@@ -212,9 +214,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     )
     # Lightning's bf16-mixed: a different numeric format, so reported beside the target, not for it.
     mixed = _run_epochs(out, args, 1, threads, *original_model, "--precision", "bf16-mixed")
-    top1 = (
-        f"val top-1 after 3 epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {all_cores[-1]['val_top_1_accuracy']:.2f} at 32-true"
-    )
+    top1 = f"val top-1 after {RUN_EPOCHS} epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {all_cores[-1]['val_top_1_accuracy']:.2f} at 32-true"
     table.add(
         f"MNIST epoch (train + val), `toolbox.run --precision bf16-mixed` vs the original, its model, {threads} threads each",
         min(row["epoch_s"] for row in mixed),
@@ -230,7 +230,7 @@ _run_cache: dict[tuple, list[dict]] = {}
 
 
 def _run_epochs(out: Path, args, workers: int, cpus: int = 1, *flags: str) -> list[dict]:
-    """The epoch rows of a 3-epoch ``toolbox.run`` on MNIST with --workers, --cpus-per-worker and
+    """The epoch rows of a ``RUN_EPOCHS``-epoch ``toolbox.run`` on MNIST with --workers, --cpus-per-worker and
     ``flags`` (its first epoch left out)."""
     key = (workers, cpus, *flags)
     if key not in _run_cache:
@@ -243,7 +243,7 @@ def _run_epochs(out: Path, args, workers: int, cpus: int = 1, *flags: str) -> li
             args.mnist_root,
             "--mnist-download",
             "--epochs",
-            "3",
+            str(RUN_EPOCHS),
             "--workers",
             str(workers),
             "--cpus-per-worker",

@@ -42,8 +42,9 @@ def quiet_ray(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
-def _bind_to_loopback() -> None:
-    """Make every server of the local Ray listen on 127.0.0.1 and on ports chosen free.
+def _set_up_local_ray(log_monitor: bool) -> None:
+    """Make every server of the local Ray listen on 127.0.0.1 and on ports chosen free, and start
+    Ray's log monitor only when ``log_monitor`` (it only forwards worker output to the driver).
 
     Ray binds GCS, the raylet, workers and the dashboard agent to loopback only when the node's IP
     is loopback, which on Linux it allows only in its single-machine mode (the switch below, read
@@ -57,18 +58,20 @@ def _bind_to_loopback() -> None:
     os.environ["DASHBOARD_METRIC_PORT"] = str(free_port())
     os.environ["AUTOSCALER_METRIC_PORT"] = str(free_port())
     base = ray._private.parameter.RayParams
-    if getattr(base, "toolbox_free_agent_port", False):
-        return
+    if not getattr(base, "toolbox_local_ray", False):
 
-    class RayParams(base):  # ray.init offers no argument for the agent's HTTP port (fixed 52365)
-        toolbox_free_agent_port = True
+        class RayParams(base):  # ray.init takes neither the agent's HTTP port (fixed 52365) nor the log monitor switch
+            toolbox_local_ray = True
+            log_monitor = True
 
-        def __init__(self, *args, **kwargs):
-            if kwargs.get("gcs_address") is None:
-                kwargs.setdefault("dashboard_agent_listen_port", free_port())
-            super().__init__(*args, **kwargs)
+            def __init__(self, *args, **kwargs):
+                if kwargs.get("gcs_address") is None:
+                    kwargs.setdefault("dashboard_agent_listen_port", free_port())
+                    kwargs.setdefault("include_log_monitor", type(self).log_monitor)
+                super().__init__(*args, **kwargs)
 
-    ray._private.parameter.RayParams = RayParams
+        ray._private.parameter.RayParams = base = RayParams
+    base.log_monitor = log_monitor
 
 
 def start(
@@ -116,7 +119,8 @@ def start(
     if dashboard:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
-    _bind_to_loopback()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine has no node to be preempted
+    _set_up_local_ray(log_monitor=verbose)
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -130,6 +134,8 @@ def start(
         configure_logging=True,
         resources=extra_resources or None,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
+        _system_config={"event_stats": False},
     )
     node = ray._private.worker._global_node
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 POLL_S = 1.0
+# Reading all of /proc is the costly part, and the agents it is for start with Ray, so it is done less often.
+RESCAN_EVERY = 5
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -55,10 +57,15 @@ def watch(driver: int, raylet: int, log: Path) -> None:
     if driver_stat is None or raylet_stat is None:
         return
     tree: dict[int, int] = {}
+    polls = 0
     while alive(driver, driver_stat[1]):
         if not alive(raylet, raylet_stat[1]):
             return
-        tree = {pid: start for pid, start in {**tree, **descendants(driver)}.items() if pid != os.getpid() and alive(pid, start)}
+        if polls % RESCAN_EVERY == 0:
+            tree = {
+                pid: start for pid, start in {**tree, **descendants(driver)}.items() if pid != os.getpid() and alive(pid, start)
+            }
+        polls += 1
         time.sleep(POLL_S)
     time.sleep(POLL_S)  # a clean exit's own shutdown goes first
     left = [pid for pid, start in tree.items() if alive(pid, start)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +86,9 @@ def torch_trainer(
     Re-fitting one with the same name and storage resumes from its latest checkpoint, which is how
     runs and trials continue."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if workers.gpus else {})
-    return TorchTrainer(
+    return _trainer_without_ray_data()(
         train_worker,
         train_loop_config={
             "config": config,
@@ -110,6 +110,20 @@ def torch_trainer(
             callbacks=[epoch_log_callback(storage, config["epochs"], hparams), *callbacks],
         ),
     )
+
+
+@functools.cache
+def _trainer_without_ray_data():
+    """TorchTrainer, less the Ray Data callback: toolbox passes no Ray Datasets, and that callback
+    starts an actor per run that does nothing else and takes CPU from training all along."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class TorchTrainerWithoutRayData(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+    return TorchTrainerWithoutRayData
 
 
 def fit(trainer):
