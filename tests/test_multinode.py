@@ -47,6 +47,8 @@ cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=di
     dashboard_agent_listen_port=head_agent_port, temp_dir=sys.argv[4] + "/head"))
 worker = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=worker_agent_port, temp_dir=sys.argv[4] + "/worker")
 cluster.wait_for_nodes()
+# As `ray start --temp-dir` does: a job's supervisor reads the GCS address there, else takes any GCS on the host.
+ray._private.utils.write_ray_address(cluster.address, sys.argv[4] + "/head")
 def tree(node):
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
     return [raylet, *raylet.children(recursive=True)]
