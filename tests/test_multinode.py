@@ -40,15 +40,16 @@ CLUSTER = """
 import json, sys, psutil, ray
 from ray.cluster_utils import Cluster
 dashboard_port, head_agent_port, worker_agent_port = map(int, sys.argv[1:4])
+head_dir = sys.argv[4] + "/head"
 # Each node its own temp dir, as on two machines: one shared by both, each node's runtime-env agent would
 # delete the other's files (a job's working_dir, its driver's cwd, is gone when the worker node is done with it).
 cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
     num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-    dashboard_agent_listen_port=head_agent_port, temp_dir=sys.argv[4] + "/head"))
+    dashboard_agent_listen_port=head_agent_port, temp_dir=head_dir))
 worker = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=worker_agent_port, temp_dir=sys.argv[4] + "/worker")
 cluster.wait_for_nodes()
 # As `ray start --temp-dir` does: a job's supervisor reads the GCS address there, else takes any GCS on the host.
-ray._private.utils.write_ray_address(cluster.address, sys.argv[4] + "/head")
+ray._private.utils.write_ray_address(cluster.address, head_dir)
 def tree(node):
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
     return [raylet, *raylet.children(recursive=True)]
