@@ -271,6 +271,10 @@ def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
     )
     done = sweep(str(path), "--storage", str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "1 of 2 trials errored" in done.stderr.strip().splitlines()[-1]
+    summary, cause = done.stderr.strip().splitlines()[-2:]
+    assert "1 of 2 trials errored" in summary
+    assert "ConfigError: --weight-decay must be >= 0, got -1" in cause, cause  # why, not only how many
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["done", "error"]
+    assert [r["error"] for r in rows if r["status"] == "done"] == [None]
+    assert [r["trial_id"] for r in rows if r["status"] == "error"][0] in cause

@@ -222,6 +222,8 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "pbt" / "results.parquet").to_pylist()
     assert len(rows) == 4 and all(r["status"] == "done" and r["epochs"] == 6 for r in rows), rows
+    for r in rows:  # an exploit of a trial ahead leaves no epoch out of the table
+        assert [e["epoch"] for e in pq.read_table(Path(r["trial_dir"]) / "epochs.parquet").to_pylist()] == [1, 2, 3, 4, 5, 6]
     policies = list((tmp_path / "pbt").glob("pbt_policy_*.txt"))
     assert policies, "no trial exploited another one"
     exploited = [d for d, starts in trial_starts(tmp_path / "pbt").items() if starts > 1]

@@ -305,6 +305,10 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             f"(their error.txt is in {exp_dir}/<trial>/); the results hold the others",
             file=sys.stderr,
         )
+        for row in errored[:5]:
+            print(f"  trial {row['trial_id']}: {row['error'] or 'no error recorded'}", file=sys.stderr)
+        if len(errored) > 5:
+            print(f"  ... {len(errored) - 5} more in results.csv (its error column)", file=sys.stderr)
         return 1
     return 0
 

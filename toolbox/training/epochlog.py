@@ -134,12 +134,18 @@ class EpochLog:
         if missing:
             self._write(sorted(self.rows + missing, key=lambda r: r["epoch"]))
 
-    def restart(self, epoch: int, note: str) -> None:
-        """Continue from another trajectory's checkpoint at ``epoch`` (PBT's exploit): later rows go, and are logged anew."""
+    def restart(self, epoch: int, note: str, history: list[dict]) -> None:
+        """Continue from another trajectory's checkpoint at ``epoch`` (PBT's exploit): later rows go, and are logged anew.
+
+        Epochs up to ``epoch`` that this run never reached come from the checkpoint's ``history`` (that
+        trajectory's rows), so the table has every epoch once; the log keeps this run's own lines."""
         self.log(note)
         self.logged = {e for e in self.logged if e <= epoch}
-        if any(r["epoch"] > epoch for r in self.rows):
-            self._write([r for r in self.rows if r["epoch"] <= epoch])
+        kept = [r for r in self.rows if r["epoch"] <= epoch]
+        have = {r["epoch"] for r in kept}
+        reached = [table_row(r) for r in history if r["epoch"] <= epoch and r["epoch"] not in have]
+        if reached or len(kept) < len(self.rows):
+            self._write(sorted(kept + reached, key=lambda r: r["epoch"]))
 
     def _write(self, rows: list[dict]) -> None:
         columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -59,6 +59,7 @@ def trial_rows(
                 "time_s": round(sum(row["epoch_s"] for row in history), 1),
                 "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
                 "checkpoint": _best_checkpoint(result, history, sweep),
+                "error": error_line(result.error) if outcome == "error" else None,
                 "trial_dir": result.path,
                 "config": config,  # the trial's full run config (a JSON column in the results files)
                 "history": history,  # for the plots; not a column
@@ -81,6 +82,14 @@ def trial_states(exp) -> dict[str, tuple[str, int]]:
         log.warning("no trial states in %s: %s", exp.path, exc)
         return {}
     return {t.trial_id: (t.status, t.num_failures) for t in trials}
+
+
+def error_line(error: BaseException | None) -> str | None:
+    """What a trial's last failure says, in one line: the traceback's last line (its exception)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 def swept_keys(sweep: Sweep) -> list[str]:

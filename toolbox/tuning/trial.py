@@ -17,7 +17,7 @@ from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
-from toolbox.training.checkpoint import STATE_FILE, load_latest
+from toolbox.training.checkpoint import load_state
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
@@ -71,13 +71,22 @@ def trainable(function, **parameters):
 
 
 def _own_latest(trial_dir: Path) -> str | None:
-    """The trial's own newest whole checkpoint: it may be newer than the one Tune registered before a crash."""
-    if not any(trial_dir.rglob(STATE_FILE)):
-        return None
-    try:
-        return str(load_latest(trial_dir)[0])
-    except ConfigError:
-        return None
+    """The trial's own last written whole checkpoint: it may be newer than the one Tune registered before a crash.
+
+    Last written by Tune's checkpoint index, not highest epoch: after a PBT exploit of a trial that was
+    behind, the trial's earlier trajectory holds higher epochs than the one it now continues."""
+    for directory in sorted(trial_dir.glob("checkpoint_*"), key=_checkpoint_index, reverse=True):
+        try:
+            load_state(directory)
+        except ConfigError:
+            continue
+        return str(directory)
+    return None
+
+
+def _checkpoint_index(directory: Path) -> int:
+    suffix = directory.name.removeprefix("checkpoint_")
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def _improves(value: float | None, earlier: list[float], mode: str) -> bool:
@@ -87,9 +96,13 @@ def _improves(value: float | None, earlier: list[float], mode: str) -> bool:
 
 
 def _keep_as_best(checkpoint: Path, trial: Place) -> None:
-    """A copy of the trial's best checkpoint so far in best/ (Tune keeps only its latest ones)."""
-    staged, best, old = trial.local / ".best.partial", trial.local / BEST_DIR, trial.local / ".best.old"
-    shutil.rmtree(staged, ignore_errors=True)
+    """A copy of the trial's best checkpoint so far in best/ (Tune keeps only its latest ones).
+
+    Staged beside it and swapped in, so best/ is whole; what a process killed mid-swap left is removed first."""
+    best = trial.local / BEST_DIR
+    for leftover in trial.local.glob(f".{BEST_DIR}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staged, old = trial.local / f".{BEST_DIR}.partial", trial.local / f".{BEST_DIR}.old"
     shutil.copytree(checkpoint, staged)
     if best.exists():
         best.rename(old)
@@ -125,7 +138,8 @@ def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
 
     def restored(state: dict) -> None:
         if exploited:
-            epoch_log.restart(state["epoch"], f"continuing from epoch {state['epoch']} of {checkpoint.path} (exploited)")
+            note = f"continuing from epoch {state['epoch']} of {checkpoint.path} (exploited)"
+            epoch_log.restart(state["epoch"], note, state.get("history", []))
         else:
             epoch_log.backfill(state.get("history", []))
 
