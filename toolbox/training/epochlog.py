@@ -125,8 +125,7 @@ class EpochLog:
 
     def backfill(self, history: list[dict]) -> None:
         """Add the rows of a checkpoint's history that the table lacks (a run killed between the two writes)."""
-        have = {r["epoch"] for r in self.rows}
-        missing = [table_row(r) for r in history if r["epoch"] not in have]
+        missing = _lacking(self.rows, history)
         for row in missing:
             if row["epoch"] not in self.logged:
                 self.log(format_row(row, self.epochs))
@@ -142,8 +141,7 @@ class EpochLog:
         self.log(note)
         self.logged = {e for e in self.logged if e <= epoch}
         kept = [r for r in self.rows if r["epoch"] <= epoch]
-        have = {r["epoch"] for r in kept}
-        reached = [table_row(r) for r in history if r["epoch"] <= epoch and r["epoch"] not in have]
+        reached = _lacking(kept, [r for r in history if r["epoch"] <= epoch])
         if reached or len(kept) < len(self.rows):
             self._write(sorted(kept + reached, key=lambda r: r["epoch"]))
 
@@ -159,6 +157,12 @@ class EpochLog:
         replace_file(self.run_dir / CSV_FILE, text.getvalue().encode())
         self._push(PARQUET_FILE, CSV_FILE)
         self.rows = rows
+
+
+def _lacking(rows: list[dict], history: list[dict]) -> list[dict]:
+    """The table rows of ``history``'s epochs that ``rows`` lacks."""
+    have = {r["epoch"] for r in rows}
+    return [table_row(r) for r in history if r["epoch"] not in have]
 
 
 def read_rows(run_dir: str | Path, fs=None) -> list[dict]:
