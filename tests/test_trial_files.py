@@ -49,7 +49,7 @@ def test_an_exploiting_trial_table_has_every_epoch_once_up_to_the_epoch_it_conti
     assert [r["epoch"] for r in read_rows(tmp_path)] == [r["epoch"] for r in EpochLog(tmp_path).rows]
 
 
-def test_a_retried_trial_continues_its_current_trajectory_not_the_highest_epoch_in_its_dir(tmp_path):
+def test_a_retried_trial_continues_its_current_trajectory_not_the_highest_epoch_in_its_dir(tmp_path, caplog):
     """Before an exploit of a trial that was behind, this trial reached epoch 5; it then continued from epoch 2."""
     checkpoint(tmp_path / "checkpoint_000000", 1)
     checkpoint(tmp_path / "checkpoint_000004", 5)  # its earlier trajectory
@@ -58,6 +58,7 @@ def test_a_retried_trial_continues_its_current_trajectory_not_the_highest_epoch_
     damaged = checkpoint(tmp_path / "checkpoint_000008", 4)
     (damaged / "state.pt").write_bytes(b"cut short")
     assert _own_latest(tmp_path) == str(tmp_path / "checkpoint_000007")
+    assert f"skipping damaged checkpoint {damaged}" in caplog.text
     assert _own_latest(tmp_path / "checkpoint_000000") is None  # no checkpoint dirs below
 
 

@@ -72,12 +72,20 @@ def load_latest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     candidates = checkpoints_newest_first(path)
     if not candidates:
         raise ConfigError(f"--resume: no checkpoint ({STATE_FILE}) under {path}")
+    found = first_whole(candidates)
+    if found is None:
+        raise ConfigError(f"--resume: every checkpoint under {path} is damaged ({len(candidates)} tried)")
+    return found
+
+
+def first_whole(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The first of ``candidates`` that loads whole, and its state; each damaged one before it is skipped, saying so."""
     for directory in candidates:
         try:
             return directory, load_state(directory)
         except ConfigError as exc:
             log.warning("skipping damaged checkpoint %s: %s", directory, str(exc).removeprefix("--resume: "))
-    raise ConfigError(f"--resume: every checkpoint under {path} is damaged ({len(candidates)} tried)")
+    return None
 
 
 def find_checkpoint(path: str | Path) -> Path:

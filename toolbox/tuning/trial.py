@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
-from toolbox.training.checkpoint import load_state
+from toolbox.training.checkpoint import first_whole
 from toolbox.training.epochlog import EpochLog
 from toolbox.tuning.sweepfile import Sweep
 
@@ -75,13 +74,8 @@ def _own_latest(trial_dir: Path) -> str | None:
 
     Last written by Tune's checkpoint index, not highest epoch: after a PBT exploit of a trial that was
     behind, the trial's earlier trajectory holds higher epochs than the one it now continues."""
-    for directory in sorted(trial_dir.glob("checkpoint_*"), key=_checkpoint_index, reverse=True):
-        try:
-            load_state(directory)
-        except ConfigError:
-            continue
-        return str(directory)
-    return None
+    found = first_whole(sorted(trial_dir.glob("checkpoint_*"), key=_checkpoint_index, reverse=True))
+    return None if found is None else str(found[0])
 
 
 def _checkpoint_index(directory: Path) -> int:
