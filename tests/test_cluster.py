@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import ray
+import torch
 from helpers import ROOT, python_env
 
 LISTENERS = """
@@ -58,10 +60,16 @@ from toolbox.distributed import cluster
 plan = run.prepare(["--dummy-n-samples", "64", "--dummy-val-n-samples", "32", "--epochs", "1", "--batch-size", "16",
                     "--storage", sys.argv[1], "--name", "lean"])
 run.fit(plan)
-actors = sorted({actor.class_name for actor in list_actors(limit=1000)})
+listed = list_actors(limit=1000)
+actors = sorted({actor.class_name for actor in listed})
 processes = sorted(ray._private.worker._global_node.all_processes)
+from ray.train.v2._internal.state.state_actor import get_state_actor
+versions = [run.framework_versions for run in ray.get(get_state_actor().get_train_runs.remote()).values()]
+state_pid = next(actor.pid for actor in listed if actor.class_name == "TrainStateActor" and actor.state == "ALIVE")
+state_has_torch = "libtorch_cpu" in open(f"/proc/{state_pid}/maps").read()
 cluster.stop()
-print(json.dumps({"actors": actors, "processes": processes}))
+print(json.dumps({"actors": actors, "processes": processes, "state_has_torch": state_has_torch,
+                  "versions": [{k: [v, type(v).__name__] for k, v in found.items()} for found in versions]}))
 """
 
 
@@ -76,3 +84,5 @@ def test_a_run_on_the_local_ray_starts_no_process_that_only_takes_cpu_from_train
     assert not {"DatasetManager", "PreemptionWatcher"} & set(seen["actors"]), seen["actors"]
     assert {"raylet", "gcs_server"} <= set(seen["processes"]), seen
     assert "log_monitor" not in seen["processes"], seen["processes"]
+    assert seen["versions"] == [{"ray": [ray.__version__, "str"], "torch": [str(torch.__version__), "str"]}], seen["versions"]
+    assert not seen["state_has_torch"], "Train's state actor imported torch to read torch's version"

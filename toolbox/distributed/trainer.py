@@ -88,7 +88,7 @@ def torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if workers.gpus else {})
-    return _trainer_without_ray_data()(
+    return _lean_trainer()(
         train_worker,
         train_loop_config={
             "config": config,
@@ -113,17 +113,40 @@ def torch_trainer(
 
 
 @functools.cache
-def _trainer_without_ray_data():
-    """TorchTrainer, less the Ray Data callback: toolbox passes no Ray Datasets, and that callback
-    starts an actor per run that does nothing else and takes CPU from training all along."""
+def _lean_trainer():
+    """TorchTrainer with two of its default callbacks changed.
+
+    - No Ray Data callback: toolbox passes no Ray Datasets, and that callback starts an actor per run
+      that does nothing else and takes CPU from training all along.
+    - The dashboard's state callback records package versions as plain strings: torch's version is a
+      ``TorchVersion``, and unpickling one made Train's long-lived state actor import all of torch."""
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks import DatasetsCallback, StateManagerCallback
 
-    class TorchTrainerWithoutRayData(TorchTrainer):
+    class StateWithPlainVersions(StateManagerCallback):
+        def after_worker_group_start(self, worker_group):
+            super().after_worker_group_start(_VersionsAsText(worker_group))
+
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+            kept = [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+            return [StateWithPlainVersions(datasets=self.datasets) if type(c) is StateManagerCallback else c for c in kept]
 
-    return TorchTrainerWithoutRayData
+    return LeanTorchTrainer
+
+
+class _VersionsAsText:
+    """A worker group whose one-worker calls answer a dict's values as ``str`` (the state callback's only one)."""
+
+    def __init__(self, group):
+        self._group = group
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+    def execute_single(self, rank: int, fn, *args, **kwargs):
+        answer = self._group.execute_single(rank, fn, *args, **kwargs)
+        return {key: str(value) for key, value in answer.items()} if isinstance(answer, dict) else answer
 
 
 def fit(trainer):
