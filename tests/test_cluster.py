@@ -64,7 +64,7 @@ listed = list_actors(limit=1000)
 actors = sorted({actor.class_name for actor in listed})
 processes = sorted(ray._private.worker._global_node.all_processes)
 from ray.train.v2._internal.state.state_actor import get_state_actor
-versions = [run.framework_versions for run in ray.get(get_state_actor().get_train_runs.remote()).values()]
+versions = [train_run.framework_versions for train_run in ray.get(get_state_actor().get_train_runs.remote()).values()]
 state_pid = next(actor.pid for actor in listed if actor.class_name == "TrainStateActor" and actor.state == "ALIVE")
 state_has_torch = "libtorch_cpu" in open(f"/proc/{state_pid}/maps").read()
 cluster.stop()
