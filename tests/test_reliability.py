@@ -56,8 +56,34 @@ class Cli:
         return found
 
     def finish(self, timeout: float = 300) -> tuple[int, str]:
-        out, _ = self.proc.communicate(timeout=timeout)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stuck = self.where_stuck()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate()  # what was read before the timeout is kept
+            raise AssertionError(
+                f"still running after {timeout} s\n{stuck}\nprinted:\n{(''.join(self.lines) + out)[-3000:]}"
+            ) from None
         return self.proc.returncode, "".join(self.lines) + out
+
+    def where_stuck(self) -> str:
+        """The command's live processes and the last lines of Train's controller log, to tell where it hangs."""
+        names, session_dirs = [], set()
+        for process in self.processes(""):
+            try:
+                names.append(process.name())
+                session_dirs |= {arg.split("=", 1)[1] for arg in process.cmdline() if arg.startswith("--session_dir=")}
+            except psutil.Error:
+                pass
+        lines = []
+        for path in sorted(p for d in session_dirs for p in Path(d).glob("logs/train/ray-train-sys-controller-*.log")):
+            for line in path.read_text(errors="replace").splitlines()[-15:]:
+                try:
+                    lines.append(f"{json.loads(line)['asctime']} {json.loads(line)['message'][:300]}")
+                except (ValueError, KeyError):
+                    lines.append(line[:300])
+        return f"processes: {sorted(names)}\nTrain controller log, last lines:\n" + "\n".join(lines)
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
