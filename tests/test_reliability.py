@@ -3,6 +3,7 @@ disk): the work finishes, every epoch and trial is kept once, and nothing of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,7 +61,8 @@ class Cli:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stuck = self.where_stuck()
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             out, _ = self.proc.communicate()  # what was read before the timeout is kept
             raise AssertionError(
                 f"still running after {timeout} s\n{stuck}\nprinted:\n{(''.join(self.lines) + out)[-3000:]}"
@@ -69,6 +71,8 @@ class Cli:
 
     def where_stuck(self) -> str:
         """The command's live processes and the last lines of Train's controller log, to tell where it hangs."""
+        if (code := self.proc.poll()) is not None:
+            return f"the command exited {code}, but a process it started still holds its output open"
         names, session_dirs = [], set()
         for process in self.processes(""):
             try:
