@@ -84,7 +84,8 @@ class Cli:
         for path in sorted(p for d in session_dirs for p in Path(d).glob("logs/train/ray-train-sys-controller-*.log")):
             for line in path.read_text(errors="replace").splitlines()[-15:]:
                 try:
-                    lines.append(f"{json.loads(line)['asctime']} {json.loads(line)['message'][:300]}")
+                    entry = json.loads(line)
+                    lines.append(f"{entry['asctime']} {entry['message'][:300]}")
                 except (ValueError, KeyError):
                     lines.append(line[:300])
         return f"processes: {sorted(names)}\nTrain controller log, last lines:\n" + "\n".join(lines)
