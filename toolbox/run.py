@@ -187,6 +187,7 @@ def fit(plan: Plan):
         max_failures=args.max_failures,
         hparams=changed_keys(config),
         live_tags={"sweep": "toolbox.run", "trial": args.name},
+        ray_ends_with_driver=not args.address,
     )
     stop = threading.Event()
     echo = threading.Thread(target=follow, args=(plan.place.local / LOG_FILE, stop), daemon=True)

@@ -78,17 +78,19 @@ def torch_trainer(
     hparams: dict | None = None,
     live_tags: dict | None = None,
     score: tuple[str, str] = ("val_loss", "min"),
+    ray_ends_with_driver: bool = False,
 ):
     """A TorchTrainer of ``workers`` running the training loop on the shared dataset ``data_ref``.
 
     Ray writes ``storage.parent``/``name`` in ``storage.fs``; the epoch table goes to ``storage``'s own
     dir. It keeps the latest checkpoint and the best by ``score`` (a metric, and "min" or "max").
     Re-fitting one with the same name and storage resumes from its latest checkpoint, which is how
-    runs and trials continue."""
+    runs and trials continue. ``ray_ends_with_driver``: fitted in the driver of a private local Ray
+    (``toolbox.run`` without ``--address``), so Train's two helpers for shared clusters are left out."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if workers.gpus else {})
-    return _lean_trainer()(
+    return _lean_trainer(ray_ends_with_driver)(
         train_worker,
         train_loop_config={
             "config": config,
@@ -113,24 +115,45 @@ def torch_trainer(
 
 
 @functools.cache
-def _lean_trainer():
-    """TorchTrainer with two of its default callbacks changed.
+def _lean_trainer(ray_ends_with_driver: bool):
+    """TorchTrainer with some of its default helpers changed; each one left out is an actor process
+    that would take CPU from training all along.
 
     - No Ray Data callback: toolbox passes no Ray Datasets, and that callback starts an actor per run
-      that does nothing else and takes CPU from training all along.
+      that does nothing else.
     - The dashboard's state callback records package versions as plain strings: torch's version is a
-      ``TorchVersion``, and unpickling one made Train's long-lived state actor import all of torch."""
+      ``TorchVersion``, and unpickling one made Train's long-lived state actor import all of torch.
+    - With ``ray_ends_with_driver``, no placement-group cleaner and no autoscaling coordinator. The
+      cleaner removes a dead controller's placement group, which the driver's exit does here too (a
+      sweep's trials keep it: ../shared/RAY-NOTES.md trap 8). The coordinator passes resource requests
+      on to an autoscaler, which a private local Ray does not have."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback, StateManagerCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    left_out = (DatasetsCallback, PlacementGroupCleanerCallback) if ray_ends_with_driver else (DatasetsCallback,)
 
     class StateWithPlainVersions(StateManagerCallback):
         def after_worker_group_start(self, worker_group):
             super().after_worker_group_start(_VersionsAsText(worker_group))
 
+    class FixedWithoutAutoscaler(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
+
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            kept = [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+            kept = [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
             return [StateWithPlainVersions(datasets=self.datasets) if type(c) is StateManagerCallback else c for c in kept]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if ray_ends_with_driver and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = FixedWithoutAutoscaler(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return LeanTorchTrainer
 
