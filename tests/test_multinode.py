@@ -272,6 +272,8 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
 
 
 def write_sweep(directory: Path, name: str, text: str) -> Path:
+    """The sweep file, and beside it the user's module that it imports (``SPREAD_MODELS``)."""
+    (directory / "spread_models.py").write_text(SPREAD_MODELS)
     path = directory / f"{name}.py"
     path.write_text(text)
     return path
@@ -302,9 +304,22 @@ def test_a_two_worker_ddp_run_puts_one_worker_on_each_node(cluster, tmp_path):
 # About half a second an epoch on one thread, so a trial lasts seconds: longer than a trial actor takes to
 # start on the other node (trials of milliseconds all run on the first node up, Tune reusing its actor),
 # and long enough to lose a node in.
+# The model is the user's own: the worker node gets its module through Ray's runtime_env, not a shared disk.
+SPREAD_MODELS = """\
+import math
+from torch import nn
+from toolbox.components.models import MODELS
+
+
+@MODELS.register("SpreadNet")
+def spread_net(sample_shape, num_classes, /) -> nn.Module:
+    \"\"\"One hidden layer of 32.\"\"\"
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(sample_shape), 32), nn.ReLU(), nn.Linear(32, num_classes))
+"""
 SWEEP = """\
 from ray import tune
-base = {"dummy_n_samples": 4000, "dummy_val_n_samples": 256, "ff_hidden_sizes": (32,), "batch_size": 8}
+import spread_models
+base = {"dummy_n_samples": 4000, "dummy_val_n_samples": 256, "arch": "SpreadNet", "batch_size": 8}
 space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3, 4e-3])}
 num_samples = 1
 epochs = 8
@@ -330,6 +345,16 @@ def test_a_sweeps_trials_run_on_both_nodes(cluster, spread_sweep):
     finished_rows(exp_dir, 4)
     nodes = {node for trial in trial_dirs(exp_dir) for node in started_on(trial)}
     assert nodes == {cluster.head_id, cluster.worker_id}, nodes
+
+
+@pytest.mark.timeout(600)
+def test_the_users_own_model_reaches_every_node_through_the_runtime_env(spread_sweep):
+    exp_dir, out = spread_sweep
+    for trial in trial_dirs(exp_dir):
+        imported = [line for line in (trial / "training.log").read_text().splitlines() if " user code: " in line]
+        assert imported and all("runtime_resources" in line for line in imported), imported  # the shipped copy
+    assert all(json.loads(r["config"])["arch"] == "SpreadNet" for r in finished_rows(exp_dir, 4))
+    assert "--import" in json.loads((exp_dir / "best.json").read_text())["command"], out[-2000:]
 
 
 @pytest.mark.timeout(600)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
+from toolbox.config import user_code
+from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from toolbox.config.resolve import changed_keys, coerce, resolve
 from toolbox.data.tensors import TensorData
@@ -24,6 +25,7 @@ from toolbox.distributed.trainer import fit as fit_interruptibly
 from toolbox.training.builders import build_dataset, check_against_data, check_components
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
+from toolbox.training.failures import deterministic_cause
 from toolbox.training.loop import warn_if_bf16_is_slow
 
 log = logging.getLogger("toolbox")
@@ -42,9 +44,10 @@ RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
 RAY_FLAG_RULES = {"workers": PositiveInt, "cpus_per_worker": PositiveFloat, "max_failures": NonNegativeInt}
 
 
-def build_parser() -> Parser:
+def build_parser(add_help: bool = True) -> Parser:
     parser = Parser(
         prog="python -m toolbox.run",
+        add_help=add_help,
         description=__doc__.split(":", 1)[1].strip(),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,6 +93,8 @@ def _saved_resources(run_dir: Path) -> dict:
 
 def prepare(argv: list[str] | None) -> Plan:
     """Parse and check everything, load the data: all the ways to fail happen here, before Ray."""
+    early = parse_before_imports(build_parser(add_help=False), argv)
+    user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
     args = build_parser().parse_args(argv)
     args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None
@@ -226,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.run: interrupted: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        print(f"toolbox.run: training failed: {describe_failure(exc)}; {_kept(plan.place.local)}", file=sys.stderr)
+        deterministic = deterministic_cause(exc)
+        why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)
+        print(f"toolbox.run: training failed: {why}; {_kept(plan.place.local)}", file=sys.stderr)
         return 1
     finally:
         try:

@@ -17,10 +17,12 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.fs
 
-from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
+from toolbox.config import user_code
+from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import cluster
 from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
@@ -30,15 +32,16 @@ from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
 from toolbox.tuning import results
 from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
-from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, load
+from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 
 log = logging.getLogger("toolbox")
 
 
-def build_parser() -> Parser:
+def build_parser(add_help: bool = True) -> Parser:
     parser = Parser(
         prog="python -m toolbox.sweep",
+        add_help=add_help,
         description=__doc__.split("\n")[0].split(": ", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
@@ -76,6 +79,10 @@ def build_parser() -> Parser:
 
 
 def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
+    early = parse_before_imports(build_parser(add_help=False), argv)
+    user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
+    if early is not None and Path(early.sweep_file).is_file():
+        import_sweep_file(Path(early.sweep_file))  # likewise for the components it defines or imports
     args = build_parser().parse_args(argv)
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None
     overrides = {name: getattr(args, name, None) for name in FIELDS if name not in ("space", "base", "scheduler_options")}
@@ -301,8 +308,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     errored = [r for r in rows if r["status"] == "error"]
     if errored:
         print(
-            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored after {sweep.max_failures} retries each "
-            f"(their error.txt is in {exp_dir}/<trial>/); the results hold the others",
+            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored: a crash after {sweep.max_failures} retries, "
+            f"a failure that a retry would repeat at once (their error.txt is in {exp_dir}/<trial>/); the results hold the others",
             file=sys.stderr,
         )
         for row in errored[:5]:

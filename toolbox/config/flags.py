@@ -80,6 +80,8 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         if option.key == "metrics":
             names.append("--active-metrics")  # the original toolbox's name
             kwargs = {"nargs": "+", "metavar": "METRIC"}
+        if option.key == "imports":
+            kwargs = {"nargs": "+", "action": "extend", "metavar": "MODULE_OR_FILE"}
         training.add_argument(*names, dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs)
     for registry in KINDS:
         default = next(o.default for o in TRAINING_OPTIONS if o.key == registry.selector)
@@ -104,6 +106,25 @@ def _shared_help(takers: list[tuple[str, Param]]) -> str:
     if len(by_text) == 1:
         return next(iter(by_text))
     return "; ".join(f"{', '.join(names)}: {text.rstrip('.')}" for text, names in by_text.items())
+
+
+class _PreParseError(Exception):
+    pass
+
+
+def parse_before_imports(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
+    """What ``parser`` (built without ``-h``) reads of ``argv`` before the user's code is imported: the
+    ``--import``s and the sweep file, whose components' flags it cannot know yet. None where it cannot
+    tell; the full parse after the imports then says what is wrong."""
+
+    def error(message: str) -> NoReturn:
+        raise _PreParseError(message)
+
+    parser.error = error
+    try:
+        return parser.parse_known_args(argv)[0]
+    except _PreParseError:
+        return None
 
 
 def given_config(namespace: argparse.Namespace) -> dict[str, Any]:

@@ -54,6 +54,14 @@ class Range:
         return " and ".join(f"{op} {value:g}" for op, value in bounds if value is not None)
 
 
+@dataclass(frozen=True)
+class MayBeEmpty:
+    """A rule for a list, used inside ``Annotated``: ``Annotated[tuple[str, ...], MayBeEmpty()]`` takes none too."""
+
+    def __str__(self) -> str:
+        return "(may be empty)"
+
+
 PositiveInt = Annotated[int, Range(gt=0)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 PositiveFloat = Annotated[float, Range(gt=0)]
@@ -143,6 +151,8 @@ def parameter_docs(fn: Callable) -> dict[str, str]:
 class Registry:
     """Components of one kind (models, optimizers, ...), selected in the config by ``selector``."""
 
+    registrations = 0  # across every registry: tells whether importing a module registered anything
+
     def __init__(self, kind: str, selector: str, *, many: bool = False):
         self.kind = kind
         self.selector = selector  # the config key naming the chosen component, e.g. "optimizer"
@@ -152,7 +162,9 @@ class Registry:
     def register(self, name: str, *, prefix: str = "", **meta: Any) -> Callable:
         def decorate(fn: Callable) -> Callable:
             if name in self._components:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                first = self._components[name].fn
+                where = f"{inspect.getsourcefile(first)}:{first.__code__.co_firstlineno}" if hasattr(first, "__code__") else "?"
+                raise ValueError(f"{self.kind} {name!r} is registered twice (first at {where})")
             keyword_only = [p for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
             hints = config_hints(fn, keyword_only)
             docs = parameter_docs(fn)
@@ -170,6 +182,7 @@ class Registry:
             if missing:
                 raise ValueError(f"{self.kind} {name!r}: config parameters need defaults: {missing}")
             self._components[name] = Component(self.kind, name, fn, params, meta)
+            Registry.registrations += 1
             return fn
 
         return decorate
@@ -179,6 +192,9 @@ class Registry:
 
     def __iter__(self):
         return iter(self._components.values())
+
+    def __len__(self) -> int:
+        return len(self._components)
 
     def __contains__(self, name: object) -> bool:
         return name in self._components

@@ -12,7 +12,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
@@ -20,7 +20,8 @@ from toolbox.components.metrics import METRICS
 from toolbox.components.models import MODELS
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
-from toolbox.config.registry import ConfigError, NonNegativeInt, Param, PositiveInt, Range, Registry, nearest
+from toolbox.config import user_code
+from toolbox.config.registry import ConfigError, MayBeEmpty, NonNegativeInt, Param, PositiveInt, Range, Registry, nearest
 
 # Registries whose chosen components' parameters join the config, in config order.
 KINDS: tuple[Registry, ...] = (MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS)
@@ -34,7 +35,14 @@ class Option:
     help: str
 
 
+IMPORTS = Option(
+    "imports",
+    Annotated[tuple[str, ...], MayBeEmpty()],
+    (),
+    "your modules or .py files to import first, in every process: their registered components join the choices",
+)
 TRAINING_OPTIONS = (
+    IMPORTS,
     Option("arch", str, "FeedForwardNeuralNetwork", "model"),
     Option("dataset", str, "DummyDataset", "dataset"),
     Option("criterion", str, "cross_entropy_loss", "loss function"),
@@ -55,8 +63,12 @@ TRAINING_KEYS = {o.key for o in TRAINING_OPTIONS}
 SELECTORS = {r.selector: r for r in KINDS}
 
 
+# Keys whose flag is not their name spelled with dashes.
+FLAGS = {"imports": "--import"}
+
+
 def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    return FLAGS.get(key) or "--" + key.replace("_", "-")
 
 
 def all_keys() -> dict[str, Param | Option]:
@@ -68,11 +80,11 @@ def all_keys() -> dict[str, Param | Option]:
     return keys
 
 
-def unwrap(annotation: Any) -> tuple[Any, list[Range]]:
+def unwrap(annotation: Any) -> tuple[Any, list[Range | MayBeEmpty]]:
     """The type inside ``Annotated[type, Range(...), ...]`` and its rules."""
     if typing.get_origin(annotation) is typing.Annotated:
         base, *extras = typing.get_args(annotation)
-        return base, [e for e in extras if isinstance(e, Range)]
+        return base, [e for e in extras if isinstance(e, (Range, MayBeEmpty))]
     return annotation, []
 
 
@@ -111,7 +123,7 @@ def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> A
             value = (value,)
         value = tuple(value)
         item_types = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value):
+        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value and MayBeEmpty() not in rules):
             raise bad
         return tuple(coerce(key, t, v, label) for t, v in zip(item_types, value))
     if annotation is bool:
@@ -127,7 +139,7 @@ def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> A
             raise bad
         value = annotation(value)
         for rule in rules:
-            if not rule.holds(value):
+            if isinstance(rule, Range) and not rule.holds(value):
                 raise ConfigError(f"{label} must be {rule}, got {value:g}")
         return value
     if annotation is str:
@@ -160,6 +172,8 @@ def resolve(given: dict[str, Any], base: dict[str, Any] | None = None, *, strict
     chosen (``momentum`` only reaches trials whose optimizer is sgd).
     """
     source = {**(base or {}), **given}
+    source["imports"] = user_code.canonical(coerce(IMPORTS.key, IMPORTS.type, source.get(IMPORTS.key, IMPORTS.default)))
+    user_code.load(source["imports"])  # their components must be registered before the config names them
     config: dict[str, Any] = {o.key: coerce(o.key, o.type, source.get(o.key, o.default)) for o in TRAINING_OPTIONS}
     for registry in KINDS:
         for component in registry.chosen(config):
@@ -187,4 +201,9 @@ def changed_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The keys whose values differ from what the chosen components take by default, and the choices themselves."""
     config = resolve(config)  # canonical values: tuples, not the lists of a JSON round trip
     defaults = resolve({r.selector: config[r.selector] for r in KINDS})
-    return {k: v for k, v in config.items() if v != defaults[k] or (k in SELECTORS and not SELECTORS[k].many)}
+    chosen = {o.key: o.default for o in TRAINING_OPTIONS if o.key in SELECTORS}  # a list of choices counts when not the default
+    return {
+        k: v
+        for k, v in config.items()
+        if v != defaults[k] or (k in SELECTORS and (not SELECTORS[k].many or v != chosen[k]))
+    }

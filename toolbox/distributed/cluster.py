@@ -11,6 +11,7 @@ import socket
 import warnings
 from pathlib import Path
 
+from toolbox.config import user_code
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import reaper
 
@@ -97,7 +98,7 @@ def start(
 
     quiet_ray(verbose)
     job_config = JobConfig(metadata={"job_name": job_name})
-    pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (PACKAGE_ROOT, *user_code.code_dirs(), os.environ.get("PYTHONPATH")) if p)
     if address:
         if "RAY_AUTH_MODE" not in os.environ:
             # Ray read its config when it was imported: have it read it again, as its own token setup does.
@@ -109,7 +110,7 @@ def start(
                 job_config=job_config,
                 log_to_driver=verbose,
                 logging_level=logging.WARNING if verbose else logging.ERROR,
-                runtime_env={"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]},
+                runtime_env=_cluster_runtime_env(),
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
@@ -142,6 +143,15 @@ def start(
     reaper.start(raylet, Path(node.get_session_dir_path()) / "logs" / "toolbox_reaper.log")
     host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "localhost") else dashboard_host
     return f"http://{host}:{port}" if dashboard else None
+
+
+def _cluster_runtime_env() -> dict:
+    """What every worker of a cluster gets: toolbox itself, and the user's Python files as its working dir."""
+    runtime_env: dict = {"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]}
+    shipped = user_code.shipped_code()
+    if shipped:
+        runtime_env |= {"working_dir": shipped, "env_vars": {user_code.SHIPPED: "1"}}
+    return runtime_env
 
 
 def describe_session(directory: Path, url: str | None) -> None:

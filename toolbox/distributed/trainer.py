@@ -28,15 +28,19 @@ def train_worker(loop_config: dict) -> None:
     import ray
     import torch
 
+    from toolbox.config import user_code
     from toolbox.data.tensors import TensorData
     from toolbox.distributed.cluster import quiet_ray
     from toolbox.distributed.live_metrics import LiveMetrics
     from toolbox.training.epochlog import format_row
+    from toolbox.training.failures import fail_once
     from toolbox.training.loop import flush_denormals, train
     from toolbox.training.session import train_session
 
     flush_denormals()
     quiet_ray()
+    with fail_once():
+        user_code.load(loop_config["config"]["imports"])
     torch.set_num_threads(loop_config["threads"])
     data = TensorData.from_shared(ray.get(loop_config["data"]))
     session = train_session()
@@ -49,7 +53,8 @@ def train_worker(loop_config: dict) -> None:
             report(metrics, checkpoint_dir)
 
         session.report = report_and_show
-    train(loop_config["config"], data, session, loop_config["resume_from"])
+    with fail_once(session):
+        train(loop_config["config"], data, session, loop_config["resume_from"])
 
 
 def epoch_log_callback(where: Place, epochs: int, hparams: dict | None):
@@ -123,6 +128,8 @@ def _lean_trainer(ray_ends_with_driver: bool):
       that does nothing else.
     - The dashboard's state callback records package versions as plain strings: torch's version is a
       ``TorchVersion``, and unpickling one made Train's long-lived state actor import all of torch.
+    - Its failure policy retries a worker group that crashed, never one whose training failed as a
+      retry would again (``DeterministicFailure``).
     - With ``ray_ends_with_driver``, no placement-group cleaner and no autoscaling coordinator. The
       cleaner removes a dead controller's placement group, which the driver's exit does here too (a
       sweep's trials keep it: ../shared/RAY-NOTES.md trap 8). The coordinator passes resource requests
@@ -130,7 +137,11 @@ def _lean_trainer(ray_ends_with_driver: bool):
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback, StateManagerCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    from toolbox.training.failures import deterministic_cause
 
     left_out = (DatasetsCallback, PlacementGroupCleanerCallback) if ray_ends_with_driver else (DatasetsCallback,)
 
@@ -145,12 +156,19 @@ def _lean_trainer(ray_ends_with_driver: bool):
         def _maybe_send_resource_request(self):
             pass
 
+    class RetryCrashesOnly(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if deterministic_cause(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             kept = [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
             return [StateWithPlainVersions(datasets=self.datasets) if type(c) is StateManagerCallback else c for c in kept]
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["failure_policy"] = RetryCrashesOnly(self.run_config.failure_config)
             if ray_ends_with_driver and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
                 controller_init_kwargs["scaling_policy"] = FixedWithoutAutoscaler(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)

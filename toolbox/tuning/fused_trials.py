@@ -76,9 +76,11 @@ class FusedWorker:
 
     def join(self, config: dict, checkpoint: dict[str, bytes] | None) -> str:
         """Attach a member from the next epoch on (from ``checkpoint``'s files if given); returns its token."""
+        from toolbox.config import user_code
         from toolbox.training.fused import FusedGroup, group_key
         from toolbox.training.session import Session
 
+        user_code.load(config["imports"])
         seat, token = _Seat(), uuid.uuid4().hex
         device = self.device
         session = Session(0, 1, device, seat.report, lambda: None, lambda model: model.to(device))

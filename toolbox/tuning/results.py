@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from toolbox.config.resolve import all_keys, changed_keys, flag
 from toolbox.training.epochlog import read_rows, replace_file
+from toolbox.training.failures import deterministic_cause
 from toolbox.tuning.sweepfile import Sweep
 
 log = logging.getLogger("toolbox")
@@ -88,6 +89,9 @@ def error_line(error: BaseException | None) -> str | None:
     """What a trial's last failure says, in one line: the traceback's last line (its exception)."""
     if error is None:
         return None
+    deterministic = deterministic_cause(error)
+    if deterministic is not None:
+        return f"{deterministic} (not retried: a retry would fail the same way)"[:400]
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 

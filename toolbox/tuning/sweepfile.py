@@ -22,13 +22,13 @@ import dataclasses
 import importlib.util
 import itertools
 import math
-import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from toolbox.components.datasets import DATASETS
+from toolbox.config import user_code
 from toolbox.config.registry import (
     ConfigError,
     NonNegativeFloat,
@@ -39,7 +39,7 @@ from toolbox.config.registry import (
     UnitInterval,
     nearest,
 )
-from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, coerce, flag, resolve
+from toolbox.config.resolve import IMPORTS, KINDS, TRAINING_OPTIONS, all_keys, coerce, flag, resolve
 from toolbox.data.tensors import DataSpec
 from toolbox.distributed.locations import check_name
 
@@ -159,27 +159,26 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
     for name, value in values.items():
         values[name] = coerce(name, FIELD_RULES[name], value, label=f"{path}: {name}")
     values["base"] = {**values.get("base", {}), **(base_overrides or {})}
+    imports = coerce(IMPORTS.key, IMPORTS.type, values["base"].get(IMPORTS.key, ()), label=f"{path}: base[{IMPORTS.key!r}]")
+    if user_code.registers(path):  # components of its own, or of modules it imports: every trial imports it too
+        imports = (*imports, str(path))
+    if imports:  # as absolute paths: a trial's process has another working directory
+        values["base"][IMPORTS.key] = user_code.canonical(imports)
     values["name"] = check_name(values["name"], f"{path}: name")
     sweep = Sweep(**values)
     check(sweep, str(path))
     return sweep
 
 
-def _import(path: Path) -> dict[str, Any]:
+def import_sweep_file(path: Path):
+    """The sweep file's module, executed once in this process: its components (and its imports') registered."""
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found")
-    spec = importlib.util.spec_from_file_location(f"toolbox_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line naming file and line
-        frames = [
-            f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path.resolve() or f.filename == str(path)
-        ]
-        where = (
-            f"{path}:{frames[-1].lineno}" if frames else (f"{path}:{exc.lineno}" if isinstance(exc, SyntaxError) else str(path))
-        )
-        raise ConfigError(f"{where}: cannot import the sweep file: {type(exc).__name__}: {exc}") from None
+    return user_code.import_file(path, f"toolbox_sweep_{path.stem}", failing="cannot import the sweep file")
+
+
+def _import(path: Path) -> dict[str, Any]:
+    module = import_sweep_file(path)
     return {
         k: v
         for k, v in vars(module).items()

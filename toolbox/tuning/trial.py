@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 
+from toolbox.config import user_code
 from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
 from toolbox.training.checkpoint import first_whole
 from toolbox.training.epochlog import EpochLog
+from toolbox.training.failures import deterministic_cause, fail_once
 from toolbox.tuning.sweepfile import Sweep
 
 BEST_DIR = "best"
@@ -34,12 +36,15 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, data: list, exp: Place) -
     import ray
     from ray import tune
 
-    config = sweep.trial_config(params)
+    with fail_once():  # a drawn value its component refuses, or the user's code failing to import
+        config = sweep.trial_config(params)
     name = Path(tune.get_context().get_trial_dir()).name
     trial = Place(exp.fs, f"{exp.path}/{name}", f"{exp.path}/{name}", exp.local / name, exp.remote)
     trial_dir = trial.local
     epoch_log = EpochLog(trial_dir, config["epochs"], hparams=hparams(sweep, config), mirror=trial.mirror)
     epoch_log.log(f"trial started on node {ray.get_runtime_context().get_node_id()}: {config}")
+    if config["imports"]:
+        epoch_log.log(f"user code: {', '.join(f'{spec} from {file}' for spec, file in user_code.origins().items())}")
     print(f"trial {tune.get_context().get_trial_name()} started", flush=True)  # a reused trial process runs several
     if sweep.trials_fused:
         _train_fused(config, sweep, epoch_log, trial)
@@ -149,7 +154,8 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
     flush_denormals()
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session, resume_from = _tune_session(sweep, epoch_log, trial)
-    train(config, TensorData.from_shared(ray.get(data_ref)), session, resume_from)
+    with fail_once(session):
+        train(config, TensorData.from_shared(ray.get(data_ref)), session, resume_from)
 
 
 def _train_fused(config: dict, sweep: Sweep, epoch_log: EpochLog, trial: Place) -> None:
@@ -184,4 +190,10 @@ def _train_with_workers(config: dict, sweep: Sweep, data_ref, trial: Place) -> N
         live_tags={"sweep": sweep.name, "trial": tune.get_context().get_trial_name()},
         score=(sweep.metric, sweep.mode),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        cause = deterministic_cause(exc)
+        if cause is None:
+            raise
+        raise cause from None  # as Tune's error, so that Tune does not retry it either

@@ -3,6 +3,8 @@
 - Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take.
 - Staging race: Tune rewrites its local staging dir while a background thread is still uploading
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
+- Retries: Tune retries every failed trial; one whose failure a retry would repeat
+  (``DeterministicFailure``) fails at once.
 - Interruption: Tune catches Ctrl-C and returns from ``fit()`` as if the sweep had finished, marking
   the running trials TERMINATED; keep its event so the driver can tell.
 """
@@ -17,7 +19,7 @@ _interrupted: list = []  # Tune's interruption events, one per fit()
 
 
 def install() -> None:
-    for fix in (snapshot_after_every_change, wait_for_the_previous_upload, keep_the_interruption_event):
+    for fix in (snapshot_after_every_change, wait_for_the_previous_upload, retry_crashes_only, keep_the_interruption_event):
         try:
             fix()
         except (ImportError, AttributeError) as exc:  # another Ray version: run without the fix
@@ -67,6 +69,28 @@ def wait_for_the_previous_upload() -> None:
 
     sync_up_experiment_state.toolbox_waits = True
     manager.sync_up_experiment_state = sync_up_experiment_state
+
+
+def retry_crashes_only() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    from toolbox.training.failures import deterministic_cause
+
+    process = TuneController._process_trial_failure
+    if getattr(process, "toolbox_retries_crashes_only", False):
+        return
+
+    def _process_trial_failure(self, trial, exception):
+        if deterministic_cause(exception) is None:
+            return process(self, trial, exception)
+        limit, trial.max_failures = trial.max_failures, 0  # Tune's test: failures so far <= max_failures
+        try:
+            return process(self, trial, exception)
+        finally:
+            trial.max_failures = limit
+
+    _process_trial_failure.toolbox_retries_crashes_only = True
+    TuneController._process_trial_failure = _process_trial_failure
 
 
 def keep_the_interruption_event() -> None:
