@@ -34,6 +34,31 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def test_only_components(monkeypatch):
+    """An optimizer (``test_rmsprop``) and a model (``test_normed``) that exist only in the test, neither with a stacked form."""
+    import torch
+    from torch import nn
+
+    from toolbox.components.models import MODELS
+    from toolbox.components.optimizers import OPTIMIZERS
+
+    for registry in (OPTIMIZERS, MODELS):
+        monkeypatch.setattr(registry, "_components", dict(registry._components))
+
+    @OPTIMIZERS.register("test_rmsprop", prefix="test")
+    def rmsprop(params, /, *, lr: float = 1e-3):
+        """RMSprop."""
+        return torch.optim.RMSprop(params, lr=lr)
+
+    @MODELS.register("test_normed", prefix="test")
+    def normed(sample_shape, num_classes, /, *, width: int = 8):
+        """Linear, batch norm, linear."""
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(sample_shape[0], width), nn.BatchNorm1d(width), nn.Linear(width, num_classes)
+        )
+
+
 class RayStarted(BaseException):
     """Raised instead of starting Ray; a BaseException so that main()'s ``except Exception`` cannot swallow it."""
 

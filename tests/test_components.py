@@ -15,7 +15,7 @@ from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
 from toolbox.components.models import MODELS, Dropout
-from toolbox.components.optimizers import OPTIMIZERS
+from toolbox.components.optimizers import OPTIMIZERS, runs_fused_step
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError
 from toolbox.config.resolve import resolve
@@ -332,28 +332,53 @@ def test_optimizer_state_survives_a_weights_only_checkpoint(registry, name):
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
-def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_one(registry, name):
-    """Fused kernels are on for CPU params. Resuming from a run that had them off (an older run, or a
-    device without them) turns them back on, and the run continues exactly like an uninterrupted one."""
-    config = resolve({"optimizer": name, "scheduler": "none"})
+def _resumed_with_saved_fused_flag(config: dict, fused: bool | None):
+    """One step, a checkpoint whose param groups say ``fused``, and an optimizer restored from it; then one more
+    step of both. Returns the uninterrupted model, the resumed one and the resumed optimizer."""
     model, x, y = _regression()
     optimizer = build_optimizer(config, model.parameters())
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch=1)
-    assert all(group["fused"] is True for group in optimizer.param_groups)
     _steps(model, optimizer, x, y, 1, scheduler)
     saved = copy.deepcopy(optimizer.state_dict())  # state_dict() shares the live state tensors
-    saved["param_groups"] = [{**g, "fused": None} for g in saved["param_groups"]]
+    saved["param_groups"] = [{**g, "fused": fused} for g in saved["param_groups"]]
     state = {"config": config, "optimizer": saved, "scheduler": scheduler.state_dict(), "global_step": 1, "epoch": 1}
     resumed, _, _ = _regression()
     resumed.load_state_dict(model.state_dict())
     resumed_optimizer = build_optimizer(config, resumed.parameters())
     resumed_scheduler, _ = build_scheduler(config, resumed_optimizer, steps_per_epoch=1)
     restore_optimization(state, config, resumed_optimizer, resumed_scheduler, interval, 1)
-    assert all(group["fused"] is True for group in resumed_optimizer.param_groups)
     _steps(model, optimizer, x, y, 1)
     _steps(resumed, resumed_optimizer, x, y, 1)
+    return model, resumed, resumed_optimizer
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
+def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_one(registry, name):
+    """Fused kernels are on for CPU params. Resuming from a run that had them off (an older run, or a
+    device without them) turns them back on, and the run continues exactly like an uninterrupted one."""
+    config = resolve({"optimizer": name, "scheduler": "none"})
+    optimizer = build_optimizer(config, _regression()[0].parameters())
+    if not runs_fused_step(optimizer):
+        pytest.skip(f"{name} ({type(optimizer).__name__}) runs no fused step: torch has none for it, or it does not ask")
+    model, resumed, resumed_optimizer = _resumed_with_saved_fused_flag(config, fused=None)
+    assert runs_fused_step(resumed_optimizer)
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
+
+
+def test_an_optimizer_without_a_fused_flag_gets_none_from_a_checkpoint_that_has_one(test_only_components):
+    """How a step runs is the resumed optimizer's own: a saved ``fused=True`` does not reach an RMSprop."""
+    config = resolve({"optimizer": "test_rmsprop", "scheduler": "none"}, strict=False)
+    model, resumed, resumed_optimizer = _resumed_with_saved_fused_flag(config, fused=True)
+    assert all("fused" not in group for group in resumed_optimizer.param_groups)
+    assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_the_built_in_optimizers_run_torchs_fused_step_on_cpu(name):
+    """The built-ins ask for the fused step, so the test above checks them; torch's RMSprop has no fused step."""
+    params = list(torch.nn.Linear(4, 1).parameters())
+    assert runs_fused_step(build_optimizer(resolve({"optimizer": name}), params))
+    assert not runs_fused_step(torch.optim.RMSprop(params))
 
 
 # --- schedulers -----------------------------------------------------------------------------------------------
