@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +88,22 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+def import_test_components() -> None:
+    """Import each file ``TOOLBOX_TEST_IMPORTS`` lists (separated by os.pathsep) as a module named by its stem,
+    its folder on sys.path, before collection: the components it registers join the registry-parametrized tests."""
+    for listed in filter(None, os.environ.get("TOOLBOX_TEST_IMPORTS", "").split(os.pathsep)):
+        path = Path(listed).resolve()
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+
+
 def pytest_configure(config) -> None:
-    """Ray's token (token auth is on by default) is made once, before any test starts a Ray: two Rays
-    starting together on a fresh machine would otherwise each write one."""
+    """The listed test components are registered; Ray's token (token auth is on by default) is made once,
+    before any test starts a Ray: two Rays starting together on a fresh machine would otherwise each write one."""
+    import_test_components()
     from ray._private.authentication.authentication_token_setup import generate_and_save_token
 
     if not (Path.home() / ".ray" / "auth_token").exists():
