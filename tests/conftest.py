@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,31 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def test_only_components(monkeypatch):
+    """An optimizer (``test_rmsprop``) and a model (``test_normed``) that exist only in the test, neither with a stacked form."""
+    import torch
+    from torch import nn
+
+    from toolbox.components.models import MODELS
+    from toolbox.components.optimizers import OPTIMIZERS
+
+    for registry in (OPTIMIZERS, MODELS):
+        monkeypatch.setattr(registry, "_components", dict(registry._components))
+
+    @OPTIMIZERS.register("test_rmsprop", prefix="test")
+    def rmsprop(params, /, *, lr: float = 1e-3):
+        """RMSprop."""
+        return torch.optim.RMSprop(params, lr=lr)
+
+    @MODELS.register("test_normed", prefix="test")
+    def normed(sample_shape, num_classes, /, *, width: int = 8):
+        """Linear, batch norm, linear."""
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(sample_shape[0], width), nn.BatchNorm1d(width), nn.Linear(width, num_classes)
+        )
+
+
 class RayStarted(BaseException):
     """Raised instead of starting Ray; a BaseException so that main()'s ``except Exception`` cannot swallow it."""
 
@@ -61,9 +88,22 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+def import_test_components() -> None:
+    """Import each file ``TOOLBOX_TEST_IMPORTS`` lists (separated by os.pathsep) as a module named by its stem,
+    its folder on sys.path, before collection: the components it registers join the registry-parametrized tests."""
+    for listed in filter(None, os.environ.get("TOOLBOX_TEST_IMPORTS", "").split(os.pathsep)):
+        path = Path(listed).resolve()
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+
+
 def pytest_configure(config) -> None:
-    """Ray's token (token auth is on by default) is made once, before any test starts a Ray: two Rays
-    starting together on a fresh machine would otherwise each write one."""
+    """The listed test components are registered; Ray's token (token auth is on by default) is made once,
+    before any test starts a Ray: two Rays starting together on a fresh machine would otherwise each write one."""
+    import_test_components()
     from ray._private.authentication.authentication_token_setup import generate_and_save_token
 
     if not (Path.home() / ".ray" / "auth_token").exists():

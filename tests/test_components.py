@@ -14,8 +14,8 @@ from helpers import MNIST_FILES, tiny_config, train_locally, write_idx_images, w
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
-from toolbox.components.models import MODELS, Dropout
-from toolbox.components.optimizers import OPTIMIZERS
+from toolbox.components.models import MODELS, Dropout, sample_shape_refusal
+from toolbox.components.optimizers import OPTIMIZERS, runs_fused_step
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError
 from toolbox.config.resolve import resolve
@@ -38,14 +38,10 @@ def registered(*registries):
     return [pytest.param(r, c.name, id=f"{r.kind}-{c.name}") for r in registries for c in r]
 
 
-def accepts(arch: str, dataset: str, directory) -> bool:
-    """Whether the model builds for the dataset's samples (a model refuses a shape it cannot take)."""
-    config = tiny_config(directory, arch=arch, dataset=dataset)
-    try:
-        check_components(config, build_dataset(config).spec)
-    except ConfigError:
-        return False
-    return True
+def shape_refusal(arch: str, dataset: str, directory) -> str | None:
+    """Why the model does not take the dataset's tiny samples, by the sample dims it declares; or None."""
+    spec = build_dataset(tiny_config(directory, arch=arch, dataset=dataset)).spec
+    return sample_shape_refusal(MODELS[arch], spec.sample_shape)
 
 
 def assert_trains(config: dict, checkpoints) -> None:
@@ -71,16 +67,29 @@ def assert_trains(config: dict, checkpoints) -> None:
 @pytest.mark.parametrize("dataset", DATASETS.names())
 @pytest.mark.parametrize("arch", MODELS.names())
 def test_every_model_trains_on_every_dataset_whose_shape_it_accepts(arch, dataset, tmp_path):
-    if not accepts(arch, dataset, tmp_path / "data"):
-        pytest.skip(f"{arch} does not take {dataset}'s samples (test_every_model_and_dataset_meet_once checks coverage)")
+    refusal = shape_refusal(arch, dataset, tmp_path / "data")
+    if refusal:
+        pytest.skip(f"{refusal} (test_every_model_and_dataset_meet_once checks coverage)")
     assert_trains(tiny_config(tmp_path / "data", arch=arch, dataset=dataset), tmp_path / "checkpoints")
 
 
 def test_every_model_and_dataset_meet_once(tmp_path):
     """No model without a dataset it takes and no dataset without a model: the skips above hide nothing."""
-    pairs = {(a, d) for a in MODELS.names() for d in DATASETS.names() if accepts(a, d, tmp_path / d)}
+    pairs = {(a, d) for a in MODELS.names() for d in DATASETS.names() if not shape_refusal(a, d, tmp_path / d)}
     assert {a for a, _ in pairs} == set(MODELS.names())
     assert {d for _, d in pairs} == set(DATASETS.names())
+
+
+def test_a_model_is_refused_data_of_a_rank_it_does_not_declare_and_takes_any_without_a_declaration():
+    assert sample_shape_refusal(MODELS["FeedForwardNeuralNetwork"], (784,)) is None
+    assert sample_shape_refusal(MODELS["FeedForwardNeuralNetwork"], (1, 28, 28)) is None
+    assert sample_shape_refusal(MODELS["ConvNet"], (1, 28, 28)) is None
+    assert (
+        sample_shape_refusal(MODELS["ConvNet"], (784,))
+        == "ConvNet takes samples of shape [channels, height, width], the data has [784]"
+    )
+    with pytest.raises(ConfigError, match="ConvNet takes samples of shape"):
+        check_components(resolve({"arch": "ConvNet", "dummy_input_shape": (784,)}), DataSpec((784,), 10))
 
 
 @pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
@@ -332,28 +341,53 @@ def test_optimizer_state_survives_a_weights_only_checkpoint(registry, name):
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
-def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_one(registry, name):
-    """Fused kernels are on for CPU params. Resuming from a run that had them off (an older run, or a
-    device without them) turns them back on, and the run continues exactly like an uninterrupted one."""
-    config = resolve({"optimizer": name, "scheduler": "none"})
+def _resumed_with_saved_fused_flag(config: dict, fused: bool | None):
+    """One step, a checkpoint whose param groups say ``fused``, and an optimizer restored from it; then one more
+    step of both. Returns the uninterrupted model, the resumed one and the resumed optimizer."""
     model, x, y = _regression()
     optimizer = build_optimizer(config, model.parameters())
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch=1)
-    assert all(group["fused"] is True for group in optimizer.param_groups)
     _steps(model, optimizer, x, y, 1, scheduler)
     saved = copy.deepcopy(optimizer.state_dict())  # state_dict() shares the live state tensors
-    saved["param_groups"] = [{**g, "fused": None} for g in saved["param_groups"]]
+    saved["param_groups"] = [{**g, "fused": fused} for g in saved["param_groups"]]
     state = {"config": config, "optimizer": saved, "scheduler": scheduler.state_dict(), "global_step": 1, "epoch": 1}
     resumed, _, _ = _regression()
     resumed.load_state_dict(model.state_dict())
     resumed_optimizer = build_optimizer(config, resumed.parameters())
     resumed_scheduler, _ = build_scheduler(config, resumed_optimizer, steps_per_epoch=1)
     restore_optimization(state, config, resumed_optimizer, resumed_scheduler, interval, 1)
-    assert all(group["fused"] is True for group in resumed_optimizer.param_groups)
     _steps(model, optimizer, x, y, 1)
     _steps(resumed, resumed_optimizer, x, y, 1)
+    return model, resumed, resumed_optimizer
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(OPTIMIZERS))
+def test_optimizer_keeps_its_fused_step_when_resumed_from_a_checkpoint_without_one(registry, name):
+    """Fused kernels are on for CPU params. Resuming from a run that had them off (an older run, or a
+    device without them) turns them back on, and the run continues exactly like an uninterrupted one."""
+    config = resolve({"optimizer": name, "scheduler": "none"})
+    optimizer = build_optimizer(config, _regression()[0].parameters())
+    if not runs_fused_step(optimizer):
+        pytest.skip(f"{name} ({type(optimizer).__name__}) runs no fused step: torch has none for it, or it does not ask")
+    model, resumed, resumed_optimizer = _resumed_with_saved_fused_flag(config, fused=None)
+    assert runs_fused_step(resumed_optimizer)
     assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
+
+
+def test_an_optimizer_without_a_fused_flag_gets_none_from_a_checkpoint_that_has_one(test_only_components):
+    """How a step runs is the resumed optimizer's own: a saved ``fused=True`` does not reach an RMSprop."""
+    config = resolve({"optimizer": "test_rmsprop", "scheduler": "none"}, strict=False)
+    model, resumed, resumed_optimizer = _resumed_with_saved_fused_flag(config, fused=True)
+    assert all("fused" not in group for group in resumed_optimizer.param_groups)
+    assert torch.equal(resumed.weight, model.weight) and torch.equal(resumed.bias, model.bias)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_the_built_in_optimizers_run_torchs_fused_step_on_cpu(name):
+    """The built-ins ask for the fused step, so the test above checks them; torch's RMSprop has no fused step."""
+    params = list(torch.nn.Linear(4, 1).parameters())
+    assert runs_fused_step(build_optimizer(resolve({"optimizer": name}), params))
+    assert not runs_fused_step(torch.optim.RMSprop(params))
 
 
 # --- schedulers -----------------------------------------------------------------------------------------------

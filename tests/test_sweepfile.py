@@ -129,3 +129,17 @@ def test_fuse_falls_back_for_hyperband_and_says_why(scheduler, tmp_path, caplog)
     with caplog.at_level("INFO", logger="toolbox"):
         sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
     assert (sweep.fuse, "HyperBand pauses trials" in caplog.text) == ((0, True) if scheduler == "hyperband" else (2, False))
+
+
+def test_fuse_falls_back_where_a_trials_optimizer_has_no_stacked_step_and_names_it(test_only_components, tmp_path, caplog):
+    """Trials with an optimizer that cannot fuse run unfused, and so do the others: one line names the optimizer."""
+    path = write(tmp_path, GOOD.replace('tune.choice(["adamw", "sgd"])', 'tune.choice(["adamw", "test_rmsprop"])') + "fuse = 2\n")
+    sweep = load(path)
+    data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
+    with caplog.at_level("INFO", logger="toolbox"):
+        sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
+    assert sweep.fuse == 0
+    assert [r.getMessage() for r in caplog.records if "cannot fuse" in r.getMessage()] == [
+        "fuse = 2: trials with test_rmsprop cannot fuse (RMSprop has no stacked step; Adam, AdamW and SGD have); "
+        "each trial runs in its own process"
+    ]

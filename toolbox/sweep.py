@@ -135,13 +135,15 @@ def _fall_back_unless_fusable(sweep: Sweep, spec, address: str | None) -> None:
     """``fuse`` only where every trial can fuse; else each trial runs in its own process, said in one line."""
     from toolbox.training.fused import fusable
 
-    reason = "it needs the private local Ray (its worker holds a custom resource)" if address else None
-    if sweep.trial_scheduler == "hyperband":
-        reason = reason or "HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed"
+    reason = None
+    if address:
+        reason = "trials cannot fuse with --address (fusing needs the private local Ray: its worker holds a custom resource)"
+    elif sweep.trial_scheduler == "hyperband":
+        reason = "trials cannot fuse (HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed)"
     for params in candidate_params(sweep.space):
         reason = reason or fusable([sweep.trial_config(params)], spec)
-    if reason:
-        log.info("fuse = %d: trials cannot fuse (%s); each trial runs in its own process", sweep.fuse, reason)
+    if reason:  # one trial that cannot fuse unfuses them all: per-trial seats would change the sweep's resources
+        log.info("fuse = %d: %s; each trial runs in its own process", sweep.fuse, reason)
         sweep.fuse = 0
 
 

@@ -1,4 +1,8 @@
-"""Models. ``fn(sample_shape, num_classes, /, *, <config>) -> nn.Module``: the trainer passes the data's shape."""
+"""Models. ``fn(sample_shape, num_classes, /, *, <config>) -> nn.Module``: the trainer passes the data's shape.
+
+A model that takes samples of one rank only declares it by naming their dimensions,
+``register(name, sample_dims=("channels", "height", "width"))``; without it, any shape is its to take.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from toolbox.config.registry import ConfigError, Fraction, PositiveInt, Registry
+from toolbox.config.registry import Component, ConfigError, Fraction, PositiveInt, Registry
 
 MODELS = Registry("model", selector="arch")
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 Activation = Literal["relu", "gelu", "tanh", "silu"]
+
+
+def sample_shape_refusal(model: Component, sample_shape: tuple[int, ...]) -> str | None:
+    """Why ``model`` does not take samples of ``sample_shape`` (by the ``sample_dims`` it declares), or None."""
+    dims = model.meta.get("sample_dims")
+    if dims is None or len(dims) == len(sample_shape):
+        return None
+    return f"{model.name} takes samples of shape [{', '.join(dims)}], the data has {list(sample_shape)}"
 
 
 def from_data(flag: str, given: int | None, data_says: int, what: str) -> int:
@@ -56,7 +68,7 @@ def feed_forward_neural_network(
     return nn.Sequential(*layers)
 
 
-@MODELS.register("ConvNet", prefix="cnn")
+@MODELS.register("ConvNet", prefix="cnn", sample_dims=("channels", "height", "width"))
 def conv_net(
     sample_shape: tuple[int, ...],
     num_classes: int,
@@ -77,8 +89,6 @@ def conv_net(
         activation: after each conv and the hidden layer.
         dropout: probability of zeroing a hidden unit while training.
     """
-    if len(sample_shape) != 3:
-        raise ConfigError(f"ConvNet takes samples of shape [channels, height, width], the data has {list(sample_shape)}")
     if kernel_size % 2 == 0:
         raise ConfigError(f"--cnn-kernel-size must be odd, got {kernel_size}")
     depth, height, width = sample_shape

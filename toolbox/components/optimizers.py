@@ -23,6 +23,13 @@ def fused_if_supported(params: list) -> dict:
     return {"fused": True} if ok else {}
 
 
+def runs_fused_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` steps with torch's fused kernels: every param group says ``fused=True``.
+
+    Optimizers torch has no fused step for (RMSprop) carry no ``fused`` flag at all."""
+    return all(group.get("fused") is True for group in optimizer.param_groups)
+
+
 @OPTIMIZERS.register("adamw")
 def adamw(
     params,

@@ -12,10 +12,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
-from toolbox.components.models import MODELS
+from toolbox.components.models import MODELS, sample_shape_refusal
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
-from toolbox.config.registry import ConfigError
+from toolbox.config.registry import Component, ConfigError
 from toolbox.config.resolve import KINDS
 from toolbox.data.tensors import DataSpec, TensorData
 
@@ -38,7 +38,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_model(config: dict, spec: DataSpec) -> nn.Module:
-    return MODELS[config["arch"]].build(*spec, config=config)
+    return _model_taking(config, spec).build(*spec, config=config)
+
+
+def _model_taking(config: dict, spec: DataSpec) -> Component:
+    """The config's model, refused where it declares that it does not take the data's sample shape."""
+    model = MODELS[config["arch"]]
+    refusal = sample_shape_refusal(model, spec.sample_shape)
+    if refusal:
+        raise ConfigError(refusal)
+    return model
 
 
 def build_criterion(config: dict) -> nn.Module:
@@ -96,7 +105,7 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
         return built[key]
 
     try:
-        model = build(MODELS[config["arch"]], *spec)
+        model = build(_model_taking(config, spec), *spec)
         build(CRITERIA[config["criterion"]])
         optimizer = build(OPTIMIZERS[config["optimizer"]], list(model.parameters()))
         build(SCHEDULERS[config["scheduler"]], optimizer, 10, config["epochs"])  # any optimizer will do to check a schedule

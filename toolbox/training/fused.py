@@ -68,10 +68,10 @@ def fusable(configs: list[dict], spec: DataSpec | None = None) -> str | None:
                 return f"different {key}: {first.get(key)!r} vs {config.get(key)!r}"
     for config in configs:
         if config["precision"] != "32-true":
-            return f"precision {config['precision']!r}: only 32-true fuses"
+            return f"trials with precision {config['precision']!r} cannot fuse (only 32-true fuses)"
         reason = no_stacked_step(build_optimizer(config, [nn.Parameter(torch.zeros(1))]))
         if reason:
-            return reason
+            return f"trials with {config['optimizer']} cannot fuse ({reason})"
     return None if spec is None else _unstackable_models(configs, spec)
 
 
@@ -79,11 +79,11 @@ def _unstackable_models(configs: list[dict], spec: DataSpec) -> str | None:
     with torch.device("meta"):
         models = [build_model(config, spec) for config in configs]
     if not isinstance(models[0], nn.Sequential):
-        return f"{configs[0]['arch']} is a {type(models[0]).__name__}, not an nn.Sequential of stackable layers"
+        return f"trials with {configs[0]['arch']} cannot fuse (it is a {type(models[0]).__name__}, not an nn.Sequential)"
     for layer in models[0]:
         reason = no_stacked_form(layer)
         if reason:
-            return f"{configs[0]['arch']} has {reason}"
+            return f"trials with {configs[0]['arch']} cannot fuse (it has {reason})"
     for config, model in zip(configs[1:], models[1:]):
         ours, theirs = layout(models[0]), layout(model)
         if ours != theirs:

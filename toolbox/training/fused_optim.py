@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from toolbox.components.optimizers import runs_fused_step
+
 MOMENTS = {
     torch.optim.Adam: ("exp_avg", "exp_avg_sq"),
     torch.optim.AdamW: ("exp_avg", "exp_avg_sq"),
@@ -27,7 +29,7 @@ MOMENTS = {
 def no_stacked_step(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer``'s step has no stacked form here, or None."""
     if type(optimizer) not in MOMENTS:
-        return f"optimizer class {type(optimizer).__name__} has no stacked step (Adam, AdamW and SGD have)"
+        return f"{type(optimizer).__name__} has no stacked step; Adam, AdamW and SGD have"
     if len(optimizer.param_groups) != 1:
         return f"{type(optimizer).__name__} with {len(optimizer.param_groups)} param groups (one stacks)"
     group = optimizer.param_groups[0]
@@ -81,8 +83,7 @@ def member_state_dict(optimizer: torch.optim.Optimizer, params: dict[str, nn.Par
 
 
 def _step_on_param_device(optimizer: torch.optim.Optimizer) -> bool:
-    group = optimizer.param_groups[0]
-    return bool(group.get("fused") or group.get("capturable"))
+    return runs_fused_step(optimizer) or bool(optimizer.param_groups[0].get("capturable"))
 
 
 class StackedOptimizer:

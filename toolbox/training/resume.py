@@ -38,7 +38,9 @@ def restore_optimization(
 
     groups = []
     for saved, own, was in zip(state["optimizer"]["param_groups"], optimizer.param_groups, before.param_groups):
-        group = dict(saved)  # a group-count mismatch is refused by load_state_dict below
+        # Only this optimizer's own execution keys, none where it has none (RMSprop has no ``fused``);
+        # a group-count mismatch is refused by load_state_dict below.
+        group = {key: value for key, value in saved.items() if key not in EXECUTION_KEYS}
         for key, value in own.items():
             if key != "params" and (key in EXECUTION_KEYS or not _same(value, was.get(key))):
                 group[key] = value
