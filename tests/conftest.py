@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -89,15 +88,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def import_test_components() -> None:
-    """Import each file ``TOOLBOX_TEST_IMPORTS`` lists (separated by os.pathsep) as a module named by its stem,
-    its folder on sys.path, before collection: the components it registers join the registry-parametrized tests."""
-    for listed in filter(None, os.environ.get("TOOLBOX_TEST_IMPORTS", "").split(os.pathsep)):
-        path = Path(listed).resolve()
-        sys.path.insert(0, str(path.parent))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+    """Import each file ``TOOLBOX_TEST_IMPORTS`` lists (separated by os.pathsep) as toolbox's ``--import`` does,
+    before collection: the components it registers join the registry-parametrized tests."""
+    from toolbox.config import user_code
+
+    user_code.load(user_code.canonical(filter(None, os.environ.get("TOOLBOX_TEST_IMPORTS", "").split(os.pathsep))))
 
 
 def pytest_configure(config) -> None:

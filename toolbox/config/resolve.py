@@ -202,8 +202,4 @@ def changed_keys(config: dict[str, Any]) -> dict[str, Any]:
     config = resolve(config)  # canonical values: tuples, not the lists of a JSON round trip
     defaults = resolve({r.selector: config[r.selector] for r in KINDS})
     chosen = {o.key: o.default for o in TRAINING_OPTIONS if o.key in SELECTORS}  # a list of choices counts when not the default
-    return {
-        k: v
-        for k, v in config.items()
-        if v != defaults[k] or (k in SELECTORS and (not SELECTORS[k].many or v != chosen[k]))
-    }
+    return {k: v for k, v in config.items() if v != defaults[k] or (k in SELECTORS and (not SELECTORS[k].many or v != chosen[k]))}
