@@ -158,8 +158,13 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
     values.update(given)
     for name, value in values.items():
         values[name] = coerce(name, FIELD_RULES[name], value, label=f"{path}: {name}")
-    values["base"] = {**values.get("base", {}), **(base_overrides or {})}
-    imports = coerce(IMPORTS.key, IMPORTS.type, values["base"].get(IMPORTS.key, ()), label=f"{path}: base[{IMPORTS.key!r}]")
+    file_base, base_overrides = values.get("base", {}), base_overrides or {}
+    values["base"] = {**file_base, **base_overrides}
+    imports = tuple(  # the file's and the command line's, both
+        name
+        for given, label in ((file_base, f"{path}: base[{IMPORTS.key!r}]"), (base_overrides, flag(IMPORTS.key)))
+        for name in coerce(IMPORTS.key, IMPORTS.type, given.get(IMPORTS.key, ()), label=label)
+    )
     if user_code.registers(path):  # components of its own, or of modules it imports: every trial imports it too
         imports = (*imports, str(path))
     if imports:  # as absolute paths: a trial's process has another working directory
