@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -62,7 +63,9 @@ def assert_trains(config: dict, checkpoints) -> None:
     for row in rows:
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) and row["lr"] > 0
         for metric in config["metrics"]:
-            assert 0.0 <= row[f"val_{metric}"] <= 100.0
+            assert math.isfinite(row[f"val_{metric}"])
+            if METRICS[metric].targets == "classes":  # percentages
+                assert 0.0 <= row[f"val_{metric}"] <= 100.0
     final = load_state(checkpoints / "epoch_2")["model"]
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in final), "two epochs of training changed no weight"
@@ -85,8 +88,10 @@ def test_every_model_and_dataset_meet_once(tmp_path):
 
 @pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
 def test_every_component_builds_and_trains(registry, name, tmp_path):
-    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs."""
-    config = tiny_config(tmp_path / "data", **{registry.selector: (name,) if registry.many else name})
+    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs
+    (a criterion or metric on the first dataset of the targets it takes)."""
+    dataset = next(d.name for d in DATASETS if d.targets == registry[name].targets)
+    config = tiny_config(tmp_path / "data", dataset=dataset, **{registry.selector: (name,) if registry.many else name})
     assert_trains(config, tmp_path / "checkpoints")
 
 
@@ -118,7 +123,7 @@ def test_feed_forward_layers_follow_the_config_and_sizes_come_from_the_data():
     ("given", "expected"),
     [
         ({"ff_input_size": 100}, "--ff-input-size 100 contradicts the data: its samples [3, 4] hold 12"),
-        ({"ff_output_dim": 5}, "--ff-output-dim 5 contradicts the data: its class count is 3"),
+        ({"ff_output_dim": 5}, "--ff-output-dim 5 contradicts the data: its outputs per sample (classes or target values) are 3"),
     ],
 )
 def test_feed_forward_refuses_sizes_that_contradict_the_data(given, expected):
@@ -173,11 +178,15 @@ def test_dataset_is_deterministic_and_well_formed(registry, name, tmp_path):
     for key in ("train_x", "train_y", "val_x", "val_y"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert len(a.train_x) == len(a.train_y) > 0 and len(a.val_x) == len(a.val_y) > 0
-    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape and a.spec == (a.sample_shape, a.num_classes)
+    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape
+    assert a.spec == (a.sample_shape, a.target.num_outputs, a.target) and a.target.kind == registry[name].targets
     for y in (a.train_y, a.val_y):
-        assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < a.num_classes
+        if a.target.kind == "classes":
+            assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < a.num_classes
+        else:
+            assert y.dtype == torch.float32 and y.shape[1:] == a.target.shape and y.isfinite().all()
     shared = TensorData.from_shared(a.to_shared())
-    assert torch.equal(shared.train_x, a.train_x) and shared.num_classes == a.num_classes and shared.std == a.std
+    assert torch.equal(shared.train_x, a.train_x) and shared.target == a.target and shared.std == a.std
 
 
 def test_dummy_dataset_sizes_and_seed():
@@ -258,15 +267,53 @@ def test_normalize_never_writes_its_input():
 
 @pytest.mark.parametrize(("registry", "name"), registered(CRITERIA))
 def test_criterion_is_a_differentiable_scalar_lower_for_right_answers(registry, name):
-    criterion = CRITERIA[name].build(config=resolve({"criterion": name}))
-    targets = torch.tensor([0, 3, 1, 2])
-    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    criterion = CRITERIA[name].build(config=resolve({"criterion": name}, strict=False))
+    g = torch.Generator().manual_seed(0)
+    if registry[name].targets == "classes":
+        targets = torch.tensor([0, 3, 1, 2])
+        right_answers = F.one_hot(targets, 5).float() * 10
+    else:
+        targets = right_answers = torch.randn(4, 5, generator=g)
+    logits = torch.randn(4, 5, generator=g, requires_grad=True)
     loss = criterion(logits, targets)
     assert loss.shape == () and math.isfinite(loss.item())
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
-    right = criterion(F.one_hot(targets, 5).float() * 10, targets)
-    assert right < loss
+    assert criterion(right_answers, targets) < loss
+
+
+def test_regression_defaults_to_a_criterion_and_metrics_of_real_targets_and_learns(tmp_path):
+    """``--dataset Regression`` alone: MSE, mean absolute error (which falls) and R2 (which rises) over 4 epochs."""
+    config = resolve({"dataset": "Regression", "regression_n_samples": 256, "regression_val_n_samples": 64, "epochs": 4})
+    assert (config["criterion"], config["metrics"]) == ("mse_loss", ("mean_absolute_error", "r2_score"))
+    data = build_dataset(config)
+    check_against_data(config, check_components(config, data.spec), data)
+    rows = train_locally({**config, "batch_size": 32}, data)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[-1]["val_mean_absolute_error"] < rows[0]["val_mean_absolute_error"]
+    assert rows[-1]["val_r2_score"] > rows[0]["val_r2_score"]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"criterion": "mse_loss"}, "--criterion mse_loss takes real-valued targets, but dataset DummyDataset has class labels"),
+        ({"metrics": ("r2_score",)}, "--metrics r2_score takes real-valued targets, but dataset DummyDataset has class labels"),
+        (
+            {"dataset": "Regression", "criterion": "cross_entropy_loss"},
+            "--criterion cross_entropy_loss takes class labels, but dataset Regression has real-valued targets (shape [1])",
+        ),
+        (
+            {"dataset": "Regression", "metrics": ("mean_absolute_error", "top_1_accuracy")},
+            "--metrics top_1_accuracy takes class labels, but dataset Regression has real-valued targets",
+        ),
+        ({"dummy_num_classes": 3}, "top_5_accuracy needs at least 5 classes; the model outputs 3"),
+    ],
+)
+def test_a_criterion_or_metric_of_other_targets_is_refused_naming_both(given, expected):
+    config = resolve({**given, "dummy_n_samples": 16, "regression_n_samples": 16}, strict=False)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_components(config, build_dataset(config).spec)
 
 
 def test_cross_entropy_matches_torch_with_label_smoothing():

@@ -254,3 +254,17 @@ def test_fusable_refuses_optimizers_and_layers_without_a_stacked_form(test_only_
     assert "RMSprop has no stacked step" in fusable([rmsprop, rmsprop])
     normed = resolve({**BASE, "arch": "test_normed"}, strict=False)
     assert "BatchNorm1d" in fusable([normed, normed], build_dataset(normed).spec)
+
+
+def test_regression_members_fuse_with_their_unfused_numbers(tmp_path):
+    """Members on real-valued targets of 2 values (MSE, mean absolute error, R2) give their unfused rows and checkpoints."""
+    given = {"dataset": "Regression", "regression_n_samples": 64, "regression_val_n_samples": 32, "regression_num_values": 2}
+    configs = member_configs("adamw", "cosine_annealing_lr", **given)
+    assert configs[0]["criterion"] == "mse_loss" and fusable(configs, build_dataset(configs[0]).spec) is None
+    data = build_dataset(configs[0])
+    fused = train_fused(configs, data, tmp_path / "fused")
+    for k, config in enumerate(configs):
+        unfused = train_locally(config, data, checkpoints=tmp_path / f"unfused_{k}")
+        assert "val_mean_absolute_error" in unfused[-1]
+        assert_same_rows(fused[k], unfused)
+        assert_same_checkpoint(tmp_path / "fused" / str(k) / "epoch_3", tmp_path / f"unfused_{k}" / "epoch_3")

@@ -129,3 +129,19 @@ def test_fuse_falls_back_for_hyperband_and_says_why(scheduler, tmp_path, caplog)
     with caplog.at_level("INFO", logger="toolbox"):
         sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
     assert (sweep.fuse, "HyperBand pauses trials" in caplog.text) == ((0, True) if scheduler == "hyperband" else (2, False))
+
+
+@pytest.mark.parametrize(
+    ("lines", "mode"),
+    [
+        ('metric = "val_top_1_accuracy"', "max"),
+        ('metric = "val_loss"', "min"),
+        ('metric = "val_mean_absolute_error"\nbase = {"dataset": "Regression"}', "min"),
+        ('metric = "val_mean_absolute_error"\nmode = "max"\nbase = {"dataset": "Regression"}', "max"),
+    ],
+    ids=["accuracy", "loss", "error", "set-in-the-file"],
+)
+def test_mode_not_set_is_the_metrics_own(lines, mode, tmp_path):
+    """A sweep file without `mode` ranks by its metric's registered mode (errors and losses fall); a set one stays."""
+    space = '{"lr": tune.loguniform(1e-4, 1e-3)}'
+    assert load(write(tmp_path, f"from ray import tune\nspace = {space}\n{lines}\n")).mode == mode

@@ -1,4 +1,7 @@
-"""Models. ``fn(sample_shape, num_classes, /, *, <config>) -> nn.Module``: the trainer passes the data's shape."""
+"""Models. ``fn(sample_shape, num_outputs, /, *, <config>) -> nn.Module``: the trainer passes the data's shape.
+
+``num_outputs`` is the outputs per sample: the class count (logits), or the real values per target.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def from_data(flag: str, given: int | None, data_says: int, what: str) -> int:
 @MODELS.register("FeedForwardNeuralNetwork", prefix="ff")
 def feed_forward_neural_network(
     sample_shape: tuple[int, ...],
-    num_classes: int,
+    num_outputs: int,
     /,
     *,
     input_size: PositiveInt | None = None,
@@ -39,13 +42,13 @@ def feed_forward_neural_network(
 
     Args:
         input_size: input features (default: what the data's samples hold).
-        output_dim: logits (default: the data's class count).
+        output_dim: outputs (default: the data's class count or target values).
         hidden_sizes: width of each hidden layer.
         activation: after each hidden layer.
         dropout: probability of zeroing a hidden unit while training.
     """
     width = from_data("--ff-input-size", input_size, math.prod(sample_shape), f"its samples {list(sample_shape)} hold")
-    output_dim = from_data("--ff-output-dim", output_dim, num_classes, "its class count is")
+    output_dim = from_data("--ff-output-dim", output_dim, num_outputs, "its outputs per sample (classes or target values) are")
     layers: list[nn.Module] = [nn.Flatten()]
     for hidden in hidden_sizes:
         layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
@@ -59,7 +62,7 @@ def feed_forward_neural_network(
 @MODELS.register("ConvNet", prefix="cnn")
 def conv_net(
     sample_shape: tuple[int, ...],
-    num_classes: int,
+    num_outputs: int,
     /,
     *,
     channels: tuple[PositiveInt, ...] = (16, 32),
@@ -91,7 +94,7 @@ def conv_net(
     layers += [nn.Flatten(), nn.Linear(depth * height * width, hidden_size), ACTIVATIONS[activation]()]
     if dropout:
         layers.append(Dropout(dropout))
-    layers.append(nn.Linear(hidden_size, num_classes))
+    layers.append(nn.Linear(hidden_size, num_outputs))
     return nn.Sequential(*layers)
 
 

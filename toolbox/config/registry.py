@@ -87,6 +87,11 @@ class Component:
     def summary(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n")[0]
 
+    @property
+    def targets(self) -> str:
+        """The kind of target a dataset gives or a criterion or metric takes: "classes" (default) or "real"."""
+        return self.meta.get("targets", "classes")
+
     def defaults(self) -> dict[str, Any]:
         return {p.key: p.default for p in self.params}
 

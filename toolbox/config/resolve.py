@@ -160,7 +160,9 @@ def resolve(given: dict[str, Any], base: dict[str, Any] | None = None, *, strict
     chosen (``momentum`` only reaches trials whose optimizer is sgd).
     """
     source = {**(base or {}), **given}
-    config: dict[str, Any] = {o.key: coerce(o.key, o.type, source.get(o.key, o.default)) for o in TRAINING_OPTIONS}
+    config: dict[str, Any] = {}
+    for o in TRAINING_OPTIONS:
+        config[o.key] = coerce(o.key, o.type, source[o.key] if o.key in source else _default(o, config))
     for registry in KINDS:
         for component in registry.chosen(config):
             for p in component.params:
@@ -169,6 +171,18 @@ def resolve(given: dict[str, Any], base: dict[str, Any] | None = None, *, strict
         if key not in config and strict:
             raise ConfigError(_not_taken(key, config))
     return config
+
+
+def _default(option: Option, config: dict[str, Any]) -> Any:
+    """``option``'s default; a criterion's and the metrics' follow the kind of target the chosen dataset declares."""
+    registry = SELECTORS.get(option.key)
+    if registry is None or registry.kind not in ("criterion", "metric") or "dataset" not in config:
+        return option.default
+    targets = DATASETS[config["dataset"]].targets
+    if all(c.targets == targets for c in registry.chosen({option.key: option.default})):
+        return option.default
+    taking = tuple(c.name for c in registry if c.targets == targets)
+    return taking if registry.many else taking[0]
 
 
 def _not_taken(key: str, config: dict) -> str:

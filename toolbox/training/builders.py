@@ -16,11 +16,13 @@ from toolbox.components.models import MODELS
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError
-from toolbox.config.resolve import KINDS
-from toolbox.data.tensors import DataSpec, TensorData
+from toolbox.config.resolve import KINDS, flag
+from toolbox.data.tensors import DataSpec, Target, TensorData
 
 if TYPE_CHECKING:
     import torchmetrics
+
+TARGET_WORDS = {"classes": "class labels", "real": "real-valued targets"}
 
 
 def build_dataset(config: dict) -> TensorData:
@@ -38,7 +40,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_model(config: dict, spec: DataSpec) -> nn.Module:
-    return MODELS[config["arch"]].build(*spec, config=config)
+    return MODELS[config["arch"]].build(spec.sample_shape, spec.num_outputs, config=config)
 
 
 def build_criterion(config: dict) -> nn.Module:
@@ -55,9 +57,20 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int) -> tuple[LRSc
     return component.build(optimizer, steps_per_epoch, config["epochs"], config=config), component.meta["interval"]
 
 
-def build_metrics(config: dict, num_classes: int) -> dict[str, torchmetrics.Metric]:
-    """The config's metrics, by reported name (``val_<metric>``)."""
-    return {f"val_{c.name}": c.build(num_classes, config=config) for c in METRICS.chosen(config)}
+def build_metrics(config: dict, num_outputs: int) -> dict[str, torchmetrics.Metric]:
+    """The config's metrics, by reported name (``val_<metric>``), for a model of ``num_outputs`` outputs per sample."""
+    return {f"val_{c.name}": c.build(num_outputs, config=config) for c in METRICS.chosen(config)}
+
+
+def check_targets(config: dict, target: Target) -> None:
+    """The chosen criterion and metrics take the data's kind of target (their registration's ``targets``)."""
+    for registry in (CRITERIA, METRICS):
+        for component in registry.chosen(config):
+            if component.targets != target.kind:
+                raise ConfigError(
+                    f"{flag(registry.selector)} {component.name} takes {TARGET_WORDS[component.targets]}, "
+                    f"but dataset {config['dataset']} has {target}"
+                )
 
 
 def fast_forward(scheduler: LRScheduler, steps: int) -> None:
@@ -95,13 +108,14 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
             built[key] = component.build(*args, config=config)
         return built[key]
 
+    check_targets(config, spec.targets)
     try:
-        model = build(MODELS[config["arch"]], *spec)
+        model = build(MODELS[config["arch"]], spec.sample_shape, spec.num_outputs)
         build(CRITERIA[config["criterion"]])
         optimizer = build(OPTIMIZERS[config["optimizer"]], list(model.parameters()))
         build(SCHEDULERS[config["scheduler"]], optimizer, 10, config["epochs"])  # any optimizer will do to check a schedule
         for metric in METRICS.chosen(config):
-            build(metric, spec.num_classes)
+            build(metric, spec.num_outputs)
     except ConfigError:
         raise
     except (ValueError, TypeError, ArithmeticError, RuntimeError, MemoryError) as exc:  # torch's own checks of the values
@@ -111,7 +125,7 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
 
 
 def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None:
-    """The model must take the dataset's samples and give one logit per class."""
+    """The model must take the dataset's samples and give one output per class or real target value."""
     try:
         with torch.no_grad():
             logits = model.eval()(data.normalize(data.train_x[:2]))
@@ -120,8 +134,8 @@ def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None
             f"model {config['arch']!r} does not accept {config['dataset']} samples of shape "
             f"{list(data.sample_shape)}: {str(exc).splitlines()[0]}"
         ) from None
-    if tuple(logits.shape) != (len(data.train_x[:2]), data.num_classes):
+    if tuple(logits.shape) != (len(data.train_x[:2]), data.target.num_outputs):
         raise ConfigError(
-            f"model {config['arch']!r} gives logits of shape {list(logits.shape[1:])} per sample; "
-            f"{config['dataset']} has {data.num_classes} classes"
+            f"model {config['arch']!r} gives outputs of shape {list(logits.shape[1:])} per sample; "
+            f"{config['dataset']} has {data.target}, which take {data.target.num_outputs}"
         )

@@ -115,7 +115,7 @@ def setup(
         model.load_state_dict(state["model"])
     model = place(model)
     criterion = build_criterion(config)
-    metrics = {name: metric.to(session.device) for name, metric in build_metrics(config, data.num_classes).items()}
+    metrics = {name: metric.to(session.device) for name, metric in build_metrics(config, data.target.num_outputs).items()}
     optimizer = build_optimizer(config, model.parameters())
     steps_per_epoch = math.ceil(shard_size(len(data.train_y), session.world_size) / config["batch_size"])
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
@@ -150,9 +150,16 @@ def epoch_order(config: dict, epoch: int, num_samples: int, rank: int = 0, world
     return order[: shard_size(num_samples, world_size) * world_size][rank::world_size]
 
 
+def aligned(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs in float32 as criteria and metrics take them with ``targets``: real targets as [batch, values] both."""
+    if not targets.is_floating_point():
+        return outputs.float(), targets
+    return outputs.float().reshape(len(targets), -1), targets.reshape(len(targets), -1)
+
+
 def batch_loss(run: Run, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The run's criterion on a batch of model outputs, taken in float32."""
-    return run.criterion(outputs.float(), targets)
+    """The run's criterion on a batch of model outputs."""
+    return run.criterion(*aligned(outputs, targets))
 
 
 def take_step(loss: torch.Tensor, optimizer) -> None:
@@ -189,11 +196,11 @@ def evaluate(
         batch = indices[i : i + EVAL_BATCH]
         inputs, targets = data.batch("val", batch)
         for k, (run, output) in enumerate(zip(runs, outputs(inputs))):
-            output = output.float()
-            sums[k, 0] += batch_loss(run, output, targets).double() * len(batch)
+            output, target = aligned(output, targets)
+            sums[k, 0] += run.criterion(output, target).double() * len(batch)
             sums[k, 1] += len(batch)
             for metric in run.metrics.values():
-                metric.update(output, targets)
+                metric.update(output, target)
     totals = session.all_reduce(sums).tolist()
     return [
         {"val_loss": loss / count, **{name: float(metric.compute()) for name, metric in run.metrics.items()}}
