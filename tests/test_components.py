@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import MNIST_FILES, tiny_config, train_locally, write_idx_images, write_idx_labels
 
+from toolbox.components.augmentations import AUGMENTATIONS, horizontal_flip, random_crop
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -86,7 +87,7 @@ def test_every_model_and_dataset_meet_once(tmp_path):
     assert {d for _, d in pairs} == set(DATASETS.names())
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+@pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS))
 def test_every_component_builds_and_trains(registry, name, tmp_path):
     """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs
     (a criterion or metric on the first dataset of the targets it takes)."""
@@ -95,7 +96,9 @@ def test_every_component_builds_and_trains(registry, name, tmp_path):
     assert_trains(config, tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+@pytest.mark.parametrize(
+    ("registry", "name"), registered(MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS)
+)
 def test_every_parameter_has_a_help_line(registry, name):
     """--help takes each parameter's description from its docstring's Args: section."""
     component = registry[name]
@@ -483,3 +486,55 @@ def test_none_scheduler_is_constant_and_warmups_rise_to_the_peak():
     assert lrs[10:] == sorted(lrs[10:], reverse=True)
     cosine = lr_schedule(resolve({"scheduler": "cosine_annealing_lr", "lr": 0.1, "epochs": 2, "eta_min_factor": 0.1}), 50)
     assert cosine[0] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+# --- augmentations --------------------------------------------------------------------------------------------
+
+
+def _images(n: int = 16) -> torch.Tensor:
+    return torch.randn(n, 2, 5, 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(AUGMENTATIONS))
+def test_augmentation_keeps_the_shape_and_draws_only_from_its_generator(registry, name):
+    """The same generator state gives the same batch; torch's global generator is left alone; the input is not written."""
+    inputs = _images()
+    kept = inputs.clone()
+    augment = registry[name]
+    global_state = torch.get_rng_state()
+    first = augment.build(inputs, torch.Generator().manual_seed(3), config={})
+    again = augment.build(inputs, torch.Generator().manual_seed(3), config={})
+    other = augment.build(inputs, torch.Generator().manual_seed(4), config={})
+    assert first.shape == inputs.shape and torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first, inputs) and torch.equal(inputs, kept)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image_at_an_offset_per_sample():
+    inputs = _images()
+    cropped = random_crop(inputs, torch.Generator().manual_seed(0), padding=2)
+    padded = F.pad(inputs, (2, 2, 2, 2))
+    offsets = []
+    for sample, out in zip(padded, cropped):
+        found = [(y, x) for y in range(5) for x in range(5) if torch.equal(sample[:, y : y + 5, x : x + 6], out)]
+        assert found, "not a window of the padded image"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1, "every sample at one offset"
+
+
+def test_horizontal_flip_mirrors_each_sample_with_probability_p():
+    inputs = _images(64)
+    assert torch.equal(horizontal_flip(inputs, torch.Generator(), p=0.0), inputs)
+    assert torch.equal(horizontal_flip(inputs, torch.Generator(), p=1.0), inputs.flip(-1))
+    half = horizontal_flip(inputs, torch.Generator().manual_seed(0), p=0.5)
+    flipped = [torch.equal(h, x.flip(-1)) for h, x in zip(half, inputs)]
+    assert all(f or torch.equal(h, x) for f, h, x in zip(flipped, half, inputs))
+    assert 0 < sum(flipped) < 64
+
+
+@pytest.mark.parametrize("name", ["random_crop", "horizontal_flip"])
+def test_an_augmentation_that_cannot_take_the_samples_is_refused_before_training(name):
+    config = resolve({"augmentations": (name,), "dummy_n_samples": 16})
+    with pytest.raises(ConfigError, match=re.escape(f"--augmentations {name} does not take DummyDataset samples")) as error:
+        check_components(config, build_dataset(config).spec)
+    assert "[784]" in str(error.value)

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from toolbox.components.augmentations import AUGMENTATIONS
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -23,7 +24,7 @@ from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import ConfigError, NonNegativeInt, Param, PositiveInt, Range, Registry, nearest
 
 # Registries whose chosen components' parameters join the config, in config order.
-KINDS: tuple[Registry, ...] = (MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS)
+KINDS: tuple[Registry, ...] = (MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ TRAINING_OPTIONS = (
     Option("optimizer", str, "adamw", "optimizer"),
     Option("scheduler", str, "none", "learning-rate scheduler"),
     Option("metrics", tuple[str, ...], ("top_1_accuracy", "top_5_accuracy"), "validation metrics"),
+    Option("augmentations", tuple[str, ...], (), "training-batch augmentations, applied in this order"),
     Option("epochs", PositiveInt, 10, "epochs to train (a resumed run stops at this epoch)"),
     Option("batch_size", PositiveInt, 128, "batch size per worker"),
     Option("seed", NonNegativeInt, 0, "seed for weights, data order, dropout and sweep sampling"),
@@ -111,7 +113,8 @@ def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> A
             value = (value,)
         value = tuple(value)
         item_types = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value):
+        # An empty list of names chooses none (no augmentations); an empty list of sizes is a mistake.
+        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value and args[0] is not str):
             raise bad
         return tuple(coerce(key, t, v, label) for t, v in zip(item_types, value))
     if annotation is bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from toolbox.components.augmentations import AUGMENTATIONS
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -62,6 +65,13 @@ def build_metrics(config: dict, num_outputs: int) -> dict[str, torchmetrics.Metr
     return {f"val_{c.name}": c.build(num_outputs, config=config) for c in METRICS.chosen(config)}
 
 
+def build_augmentations(config: dict) -> list[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
+    """The config's augmentations in order, each ``(inputs, generator) -> inputs`` with its config values bound."""
+    return [
+        functools.partial(c.fn, **{p.name: config.get(p.key, p.default) for p in c.params}) for c in AUGMENTATIONS.chosen(config)
+    ]
+
+
 def check_targets(config: dict, target: Target) -> None:
     """The chosen criterion and metrics take the data's kind of target (their registration's ``targets``)."""
     for registry in (CRITERIA, METRICS):
@@ -109,6 +119,7 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
         return built[key]
 
     check_targets(config, spec.targets)
+    check_augmentations(config, spec.sample_shape)
     try:
         model = build(MODELS[config["arch"]], spec.sample_shape, spec.num_outputs)
         build(CRITERIA[config["criterion"]])
@@ -122,6 +133,20 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
         chosen = ", ".join(f"{r.selector}={config[r.selector]}" for r in KINDS)
         raise ConfigError(f"{chosen}: {type(exc).__name__}: {_first_line(exc)}") from None
     return model
+
+
+def check_augmentations(config: dict, sample_shape: tuple[int, ...]) -> None:
+    """Each chosen augmentation takes a batch of the data's samples and keeps its shape."""
+    inputs = torch.zeros(2, *sample_shape)
+    for name, augment in zip(config["augmentations"], build_augmentations(config)):
+        try:
+            shape = augment(inputs, torch.Generator().manual_seed(0)).shape
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"--augmentations {name} does not take {config['dataset']} samples: {_first_line(exc)}") from None
+        if shape != inputs.shape:
+            raise ConfigError(
+                f"--augmentations {name} turns {config['dataset']} samples of shape {list(sample_shape)} into {list(shape[1:])}"
+            )
 
 
 def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None:

@@ -1,10 +1,11 @@
 """Horizontally fused training (HFTA, Wang et al., MLSys 2021): K same-shaped trials as one stacked model.
 
-Each member is a ``phases.Run`` and goes through ``loop.train``'s phases, keeping what makes it its own run: its initial weights (built under its
-seed), its hyperparameters and schedule (its own registry-built optimizer and scheduler, read every
-step), its dropout masks (its own generator, seeded and drawn as the loop's global one), its data
-order, criterion and metrics, and its rows and checkpoints. On CPU its numbers are the unfused
-loop's to float rounding, and its checkpoints resume in the unfused loop and back.
+Each member is a ``phases.Run`` and goes through ``loop.train``'s phases, keeping what makes it its
+own run: its initial weights (built under its seed), its hyperparameters and schedule (its own
+registry-built optimizer and scheduler, read every step), its dropout masks (its own generator,
+seeded and drawn as the loop's global one), its data order, its augmentations (drawn from its own
+generator), its criterion and metrics, and its rows and checkpoints. On CPU its numbers are the
+unfused loop's to float rounding, and its checkpoints resume in the unfused loop and back.
 
 Members join (``add``) and leave at epoch boundaries. A member leaves after its last epoch, or when
 its session's ``report`` raises ``StopMember`` (the report itself is kept). Members may be at
@@ -33,6 +34,7 @@ from toolbox.training.phases import (
     Run,
     after_epoch_steps,
     after_step,
+    augmented,
     batch_loss,
     checkpoint_state,
     dropout_seed,
@@ -239,6 +241,7 @@ class FusedGroup:
         members, n, batch_size = self.members, len(self.data.train_y), self._batch_size
         order = torch.stack([epoch_order(m.config, m.epoch, n) for m in members]).to(self.device)
         loss_sums = torch.zeros(len(members), device=self.device)
+        augmenting = any(m.augmentations for m in members)
         self.model.train()
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the stacked step is the optimizer's
             warnings.simplefilter("ignore", UserWarning)
@@ -248,7 +251,10 @@ class FusedGroup:
                     member.first_step_time = member.first_step_time or now
                 batch = order[:, i : i + batch_size]
                 inputs, targets = self.data.batch("train", batch.flatten())
-                outputs = self.model(inputs.view(*batch.shape, *inputs.shape[1:]))
+                inputs = inputs.view(*batch.shape, *inputs.shape[1:])
+                if augmenting:  # each member's batch through its own augmentations and generator
+                    inputs = torch.stack([augmented(m, inputs[k]) for k, m in enumerate(members)])
+                outputs = self.model(inputs)
                 targets = targets.view(*batch.shape, *targets.shape[1:])
                 losses = torch.stack([batch_loss(m, outputs[k], targets[k]) for k, m in enumerate(members)])
                 take_step(losses.sum(), self.optimizer)  # member k's parameters get the gradient of its own loss alone

@@ -12,6 +12,7 @@ from toolbox.data.tensors import TensorData
 from toolbox.training.phases import (
     after_epoch_steps,
     after_step,
+    augmented,
     batch_loss,
     checkpoint_state,
     end_epoch,
@@ -54,6 +55,7 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
                 run.first_step_time = time.time()
             batch = shard[i : i + batch_size]
             inputs, targets = data.batch("train", batch)
+            inputs = augmented(run, inputs)
             with autocast(config, session):
                 outputs = model(inputs)
             loss = batch_loss(run, outputs, targets)

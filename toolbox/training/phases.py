@@ -2,7 +2,7 @@
 group (``fused.FusedGroup``) both call them, so a fused member is the unfused run to float rounding.
 
 A ``Run`` is one run's components and progress; ``setup`` builds it and ``restore`` continues it from
-a checkpoint; ``epoch_order``, ``take_step``, ``after_step``, ``evaluate``, ``end_epoch`` and
+a checkpoint; ``epoch_order``, ``augmented``, ``take_step``, ``after_step``, ``evaluate``, ``end_epoch`` and
 ``checkpoint_state`` are what an epoch does with it.
 """
 
@@ -20,7 +20,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import TensorData
-from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
+from toolbox.training.builders import (
+    build_augmentations,
+    build_criterion,
+    build_metrics,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
 from toolbox.training.checkpoint import checkpoint_files, load_state, save_state
 from toolbox.training.resume import restore_optimization
 from toolbox.training.session import Session
@@ -80,6 +87,8 @@ class Run:
     metrics: dict
     steps_per_epoch: int
     dropout: torch.Generator  # the generator its dropout draws from on the CPU, checkpointed per rank
+    augmentations: list  # (inputs, generator) -> inputs, applied to training batches in order
+    augmentation: torch.Generator  # on the training device, what the augmentations draw from, checkpointed per rank
     epoch: int = 0
     global_step: int = 0
     best_val_loss: float = math.inf
@@ -90,6 +99,11 @@ class Run:
 def dropout_seed(config: dict, rank: int) -> int:
     """The seed of a rank's dropout generator: dropout differs per rank, and from the initial weights' seed."""
     return config["seed"] + 1 + rank
+
+
+def augmentation_seed(config: dict, rank: int) -> int:
+    """The seed of a rank's augmentation generator: a stream apart from the weights' and dropout's seeds."""
+    return 2**32 + config["seed"] * 4096 + rank
 
 
 def shard_size(num_samples: int, world_size: int) -> int:
@@ -123,7 +137,9 @@ def setup(
         torch.manual_seed(dropout_seed(config, session.rank))  # the device's default generators too
     else:
         dropout.manual_seed(dropout_seed(config, session.rank))
-    run = record(config, session, model, optimizer, scheduler, interval, criterion, metrics, steps_per_epoch, dropout)
+    augmentation = torch.Generator(session.device).manual_seed(augmentation_seed(config, session.rank))
+    components = (model, optimizer, scheduler, interval, criterion, metrics)
+    run = record(config, session, *components, steps_per_epoch, dropout, build_augmentations(config), augmentation)
     return run, state
 
 
@@ -133,6 +149,12 @@ def restore(run: Run, state: dict) -> bool:
     per_rank = state["rng"].get("per_rank", [state["rng"]["torch"]])
     if run.session.rank < len(per_rank):
         run.dropout.set_state(per_rank[run.session.rank])
+    augmentation = state["rng"].get("augmentation", [])  # none in checkpoints from before augmentations
+    if run.session.rank < len(augmentation):
+        try:
+            run.augmentation.set_state(augmentation[run.session.rank])
+        except RuntimeError:  # another device's kind of generator
+            log.warning("the checkpoint's augmentation draws are another device's: this run's start afresh from its seed")
     run.epoch, run.global_step, run.best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
     run.history = list(state.get("history", []))
     run.session.restored(state)
@@ -155,6 +177,13 @@ def aligned(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     if not targets.is_floating_point():
         return outputs.float(), targets
     return outputs.float().reshape(len(targets), -1), targets.reshape(len(targets), -1)
+
+
+def augmented(run: Run, inputs: torch.Tensor) -> torch.Tensor:
+    """A training batch through the run's augmentations, each drawing from the run's augmentation generator."""
+    for augment in run.augmentations:
+        inputs = augment(inputs, run.augmentation)
+    return inputs
 
 
 def batch_loss(run: Run, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -245,13 +274,13 @@ def checkpoint_state(run: Run, row: dict, weights: dict, optimizer_state: dict, 
 
 
 def rng_states(run: Run) -> dict:
-    """Every rank's dropout generator state, so a resumed DDP run draws what the uninterrupted one would."""
-    own = run.dropout.get_state()
+    """Every rank's dropout and augmentation generator states, so a resumed DDP run draws what the uninterrupted one would."""
+    own = (run.dropout.get_state(), run.augmentation.get_state())
     per_rank = [own]
     if run.session.world_size > 1:
         per_rank = [None] * run.session.world_size
         torch.distributed.all_gather_object(per_rank, own)
-    return {"torch": own, "per_rank": per_rank}
+    return {"torch": own[0], "per_rank": [d for d, _ in per_rank], "augmentation": [a for _, a in per_rank]}
 
 
 def report_epoch(session: Session, row: dict, state: dict) -> None:
