@@ -98,7 +98,7 @@ def test_every_parameter_flag_reaches_the_config(registry, name):
     for param in component.params:
         assert config[param.key] == param.default and type(config[param.key]) is type(param.default), param.key
     if registry is METRICS:  # the dataset's (DummyDataset's) classes are enough for every metric
-        assert f"val_{name}" in build_metrics(config, build_dataset(config).num_classes)
+        assert f"val_{name}" in build_metrics(config, build_dataset(config).target.num_outputs)
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------
@@ -169,7 +169,11 @@ REFUSALS = [
     ),
     ("no-validation-samples", lambda p: ["--dummy-val-n-samples", "0"], ["--dummy-val-n-samples", "got 0"]),
     ("model-input-size", lambda p: ["--ff-input-size", "100"], ["--ff-input-size 100 contradicts the data", "hold 784"]),
-    ("model-output-dim", lambda p: ["--ff-output-dim", "7"], ["--ff-output-dim 7 contradicts the data", "class count is 10"]),
+    (
+        "model-output-dim",
+        lambda p: ["--ff-output-dim", "7"],
+        ["--ff-output-dim 7 contradicts the data", "(classes or target values) are 10"],
+    ),
     (
         "dataset-sample-size",
         lambda p: ["--dummy-input-shape", "100", "--ff-input-size", "784"],

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import MNIST_FILES, tiny_config, train_locally, write_idx_images, write_idx_labels
 
+from toolbox.components.augmentations import AUGMENTATIONS, horizontal_flip, random_crop
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -58,7 +60,9 @@ def assert_trains(config: dict, checkpoints) -> None:
     for row in rows:
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) and row["lr"] > 0
         for metric in config["metrics"]:
-            assert 0.0 <= row[f"val_{metric}"] <= 100.0
+            assert math.isfinite(row[f"val_{metric}"])
+            if METRICS[metric].targets == "classes":  # percentages
+                assert 0.0 <= row[f"val_{metric}"] <= 100.0
     final = load_state(checkpoints / "epoch_2")["model"]
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in final), "two epochs of training changed no weight"
@@ -92,14 +96,18 @@ def test_a_model_is_refused_data_of_a_rank_it_does_not_declare_and_takes_any_wit
         check_components(resolve({"arch": "ConvNet", "dummy_input_shape": (784,)}), DataSpec((784,), 10))
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+@pytest.mark.parametrize(("registry", "name"), registered(CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS))
 def test_every_component_builds_and_trains(registry, name, tmp_path):
-    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs."""
-    config = tiny_config(tmp_path / "data", **{registry.selector: (name,) if registry.many else name})
+    """Each component, with its defaults and the others' defaults, passes the checks and trains 2 epochs
+    (a criterion or metric on the first dataset of the targets it takes)."""
+    dataset = next(d.name for d in DATASETS if d.targets == registry[name].targets)
+    config = tiny_config(tmp_path / "data", dataset=dataset, **{registry.selector: (name,) if registry.many else name})
     assert_trains(config, tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize(("registry", "name"), registered(MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS))
+@pytest.mark.parametrize(
+    ("registry", "name"), registered(MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS)
+)
 def test_every_parameter_has_a_help_line(registry, name):
     """--help takes each parameter's description from its docstring's Args: section."""
     component = registry[name]
@@ -127,7 +135,7 @@ def test_feed_forward_layers_follow_the_config_and_sizes_come_from_the_data():
     ("given", "expected"),
     [
         ({"ff_input_size": 100}, "--ff-input-size 100 contradicts the data: its samples [3, 4] hold 12"),
-        ({"ff_output_dim": 5}, "--ff-output-dim 5 contradicts the data: its class count is 3"),
+        ({"ff_output_dim": 5}, "--ff-output-dim 5 contradicts the data: its outputs per sample (classes or target values) are 3"),
     ],
 )
 def test_feed_forward_refuses_sizes_that_contradict_the_data(given, expected):
@@ -182,11 +190,15 @@ def test_dataset_is_deterministic_and_well_formed(registry, name, tmp_path):
     for key in ("train_x", "train_y", "val_x", "val_y"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert len(a.train_x) == len(a.train_y) > 0 and len(a.val_x) == len(a.val_y) > 0
-    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape and a.spec == (a.sample_shape, a.num_classes)
+    assert a.val_x.shape[1:] == a.train_x.shape[1:] == a.sample_shape
+    assert a.spec == (a.sample_shape, a.target.num_outputs, a.target) and a.target.kind == registry[name].targets
     for y in (a.train_y, a.val_y):
-        assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < a.num_classes
+        if a.target.kind == "classes":
+            assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < a.num_classes
+        else:
+            assert y.dtype == torch.float32 and y.shape[1:] == a.target.shape and y.isfinite().all()
     shared = TensorData.from_shared(a.to_shared())
-    assert torch.equal(shared.train_x, a.train_x) and shared.num_classes == a.num_classes and shared.std == a.std
+    assert torch.equal(shared.train_x, a.train_x) and shared.target == a.target and shared.std == a.std
 
 
 def test_dummy_dataset_sizes_and_seed():
@@ -267,15 +279,53 @@ def test_normalize_never_writes_its_input():
 
 @pytest.mark.parametrize(("registry", "name"), registered(CRITERIA))
 def test_criterion_is_a_differentiable_scalar_lower_for_right_answers(registry, name):
-    criterion = CRITERIA[name].build(config=resolve({"criterion": name}))
-    targets = torch.tensor([0, 3, 1, 2])
-    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    criterion = CRITERIA[name].build(config=resolve({"criterion": name}, strict=False))
+    g = torch.Generator().manual_seed(0)
+    if registry[name].targets == "classes":
+        targets = torch.tensor([0, 3, 1, 2])
+        right_answers = F.one_hot(targets, 5).float() * 10
+    else:
+        targets = right_answers = torch.randn(4, 5, generator=g)
+    logits = torch.randn(4, 5, generator=g, requires_grad=True)
     loss = criterion(logits, targets)
     assert loss.shape == () and math.isfinite(loss.item())
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
-    right = criterion(F.one_hot(targets, 5).float() * 10, targets)
-    assert right < loss
+    assert criterion(right_answers, targets) < loss
+
+
+def test_regression_defaults_to_a_criterion_and_metrics_of_real_targets_and_learns(tmp_path):
+    """``--dataset Regression`` alone: MSE, mean absolute error (which falls) and R2 (which rises) over 4 epochs."""
+    config = resolve({"dataset": "Regression", "regression_n_samples": 256, "regression_val_n_samples": 64, "epochs": 4})
+    assert (config["criterion"], config["metrics"]) == ("mse_loss", ("mean_absolute_error", "r2_score"))
+    data = build_dataset(config)
+    check_against_data(config, check_components(config, data.spec), data)
+    rows = train_locally({**config, "batch_size": 32}, data)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[-1]["val_mean_absolute_error"] < rows[0]["val_mean_absolute_error"]
+    assert rows[-1]["val_r2_score"] > rows[0]["val_r2_score"]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"criterion": "mse_loss"}, "--criterion mse_loss takes real-valued targets, but dataset DummyDataset has class labels"),
+        ({"metrics": ("r2_score",)}, "--metrics r2_score takes real-valued targets, but dataset DummyDataset has class labels"),
+        (
+            {"dataset": "Regression", "criterion": "cross_entropy_loss"},
+            "--criterion cross_entropy_loss takes class labels, but dataset Regression has real-valued targets (shape [1])",
+        ),
+        (
+            {"dataset": "Regression", "metrics": ("mean_absolute_error", "top_1_accuracy")},
+            "--metrics top_1_accuracy takes class labels, but dataset Regression has real-valued targets",
+        ),
+        ({"dummy_num_classes": 3}, "top_5_accuracy needs at least 5 classes; the model outputs 3"),
+    ],
+)
+def test_a_criterion_or_metric_of_other_targets_is_refused_naming_both(given, expected):
+    config = resolve({**given, "dummy_n_samples": 16, "regression_n_samples": 16}, strict=False)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_components(config, build_dataset(config).spec)
 
 
 def test_cross_entropy_matches_torch_with_label_smoothing():
@@ -470,3 +520,55 @@ def test_none_scheduler_is_constant_and_warmups_rise_to_the_peak():
     assert lrs[10:] == sorted(lrs[10:], reverse=True)
     cosine = lr_schedule(resolve({"scheduler": "cosine_annealing_lr", "lr": 0.1, "epochs": 2, "eta_min_factor": 0.1}), 50)
     assert cosine[0] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+# --- augmentations --------------------------------------------------------------------------------------------
+
+
+def _images(n: int = 16) -> torch.Tensor:
+    return torch.randn(n, 2, 5, 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("registry", "name"), registered(AUGMENTATIONS))
+def test_augmentation_keeps_the_shape_and_draws_only_from_its_generator(registry, name):
+    """The same generator state gives the same batch; torch's global generator is left alone; the input is not written."""
+    inputs = _images()
+    kept = inputs.clone()
+    augment = registry[name]
+    global_state = torch.get_rng_state()
+    first = augment.build(inputs, torch.Generator().manual_seed(3), config={})
+    again = augment.build(inputs, torch.Generator().manual_seed(3), config={})
+    other = augment.build(inputs, torch.Generator().manual_seed(4), config={})
+    assert first.shape == inputs.shape and torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first, inputs) and torch.equal(inputs, kept)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image_at_an_offset_per_sample():
+    inputs = _images()
+    cropped = random_crop(inputs, torch.Generator().manual_seed(0), padding=2)
+    padded = F.pad(inputs, (2, 2, 2, 2))
+    offsets = []
+    for sample, out in zip(padded, cropped):
+        found = [(y, x) for y in range(5) for x in range(5) if torch.equal(sample[:, y : y + 5, x : x + 6], out)]
+        assert found, "not a window of the padded image"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1, "every sample at one offset"
+
+
+def test_horizontal_flip_mirrors_each_sample_with_probability_p():
+    inputs = _images(64)
+    assert torch.equal(horizontal_flip(inputs, torch.Generator(), p=0.0), inputs)
+    assert torch.equal(horizontal_flip(inputs, torch.Generator(), p=1.0), inputs.flip(-1))
+    half = horizontal_flip(inputs, torch.Generator().manual_seed(0), p=0.5)
+    flipped = [torch.equal(h, x.flip(-1)) for h, x in zip(half, inputs)]
+    assert all(f or torch.equal(h, x) for f, h, x in zip(flipped, half, inputs))
+    assert 0 < sum(flipped) < 64
+
+
+@pytest.mark.parametrize("name", ["random_crop", "horizontal_flip"])
+def test_an_augmentation_that_cannot_take_the_samples_is_refused_before_training(name):
+    config = resolve({"augmentations": (name,), "dummy_n_samples": 16})
+    with pytest.raises(ConfigError, match=re.escape(f"--augmentations {name} does not take DummyDataset samples")) as error:
+        check_components(config, build_dataset(config).spec)
+    assert "[784]" in str(error.value)

@@ -254,3 +254,32 @@ def test_fusable_refuses_optimizers_and_layers_without_a_stacked_form(test_only_
 def test_adam_adamw_and_sgd_have_a_stacked_step(optimizer):
     """The built-ins fuse, so the tests above that skip optimizers without a stacked step check them."""
     assert fusable([resolve({**BASE, "optimizer": optimizer})]) is None
+
+
+def test_regression_members_fuse_with_their_unfused_numbers(tmp_path):
+    """Members on real-valued targets of 2 values (MSE, mean absolute error, R2) give their unfused rows and checkpoints."""
+    given = {"dataset": "Regression", "regression_n_samples": 64, "regression_val_n_samples": 32, "regression_num_values": 2}
+    configs = member_configs("adamw", "cosine_annealing_lr", **given)
+    assert configs[0]["criterion"] == "mse_loss" and fusable(configs, build_dataset(configs[0]).spec) is None
+    data = build_dataset(configs[0])
+    fused = train_fused(configs, data, tmp_path / "fused")
+    for k, config in enumerate(configs):
+        unfused = train_locally(config, data, checkpoints=tmp_path / f"unfused_{k}")
+        assert "val_mean_absolute_error" in unfused[-1]
+        assert_same_rows(fused[k], unfused)
+        assert_same_checkpoint(tmp_path / "fused" / str(k) / "epoch_3", tmp_path / f"unfused_{k}" / "epoch_3")
+
+
+def test_members_augment_their_own_batches_as_their_unfused_runs_do(tmp_path):
+    """Random crops and flips per member, from each member's own generator: rows and checkpoints are the unfused ones."""
+    given = {"dummy_input_shape": (1, 8, 8), "augmentations": ("random_crop", "horizontal_flip"), "epochs": 2}
+    configs = member_configs("adamw", "none", **given)
+    configs[2] = resolve({"augmentations": ("horizontal_flip",), "flip_p": 0.25}, base=configs[2])
+    data = build_dataset(configs[0])
+    fused = train_fused(configs, data, tmp_path / "fused")
+    for k, config in enumerate(configs):
+        assert_same_rows(fused[k], train_locally(config, data, checkpoints=tmp_path / f"unfused_{k}"))
+        assert_same_checkpoint(tmp_path / "fused" / str(k) / "epoch_2", tmp_path / f"unfused_{k}" / "epoch_2")
+        fused_state = load_state(tmp_path / "fused" / str(k) / "epoch_2")["rng"]["augmentation"]
+        unfused_state = load_state(tmp_path / f"unfused_{k}" / "epoch_2")["rng"]["augmentation"]
+        assert torch.equal(fused_state[0], unfused_state[0])

@@ -303,3 +303,26 @@ def test_denormals_are_flushed_on_every_openmp_thread_only_when_flushed_before_t
         left[order] = int(done.stdout.split()[-1])
     assert left["first"] == 0
     assert left["late"] > 0, "a thread started before the flush flushed anyway: the entry points' order no longer matters"
+
+
+def test_augmented_training_resumes_exactly_and_needs_the_augmentation_rng_state(tmp_path):
+    """Random crops and flips drawn from the run's own generator: epochs 3-4 resumed from epoch 2 equal the
+    uninterrupted run's; with another saved augmentation state (other crops) the weights differ."""
+    config = resolve({**RESUMABLE, "dummy_input_shape": (1, 8, 8), "augmentations": ("random_crop", "horizontal_flip")})
+    data = build_dataset(config)
+    full = train_locally(config, data, checkpoints=tmp_path / "full")
+    plain = train_locally({**config, "augmentations": ()}, data)
+    assert [r["train_loss"] for r in full] != pytest.approx([r["train_loss"] for r in plain], rel=1e-4)
+    assert [r["val_loss"] for r in full] != pytest.approx([r["val_loss"] for r in plain], rel=1e-4)
+    resumed = train_locally(config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_2")
+    compare_rows(resumed, full[2:])
+    final = load_state(tmp_path / "full" / "epoch_4")["model"]
+    assert_same_weights(load_state(tmp_path / "resumed" / "epoch_4")["model"], final)
+
+    state = load_state(tmp_path / "full" / "epoch_2")
+    state["rng"]["augmentation"] = [torch.Generator().manual_seed(123).get_state()]
+    (tmp_path / "other_augmentation_rng").mkdir()
+    save_state(tmp_path / "other_augmentation_rng", state)
+    train_locally(config, data, checkpoints=tmp_path / "control", resume_from=tmp_path / "other_augmentation_rng")
+    control = load_state(tmp_path / "control" / "epoch_4")["model"]
+    assert any(not torch.equal(control[k], final[k]) for k in final)

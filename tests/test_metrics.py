@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from toolbox.components.metrics import METRICS
+from toolbox.components.metrics import METRICS, mode_of
 from toolbox.config.registry import ConfigError
 from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_metrics
@@ -61,21 +61,28 @@ def test_top_k_accuracy_values():
         build_metrics(resolve({"metrics": ("top_5_accuracy",)}), 3)
 
 
-def _random_batch(n: int = 60, classes: int = 7):
+def _random_batch(name: str, n: int = 60, outputs: int = 7):
+    """Outputs and targets of the kind metric ``name`` takes: class indices, or [n, outputs] real values."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, classes, generator=g), torch.randint(0, classes, (n,), generator=g)
+    if METRICS[name].targets == "real":
+        return torch.randn(n, outputs, generator=g), torch.randn(n, outputs, generator=g)
+    return torch.randn(n, outputs, generator=g), torch.randint(0, outputs, (n,), generator=g)
 
 
 @pytest.mark.parametrize("name", METRICS.names())
 def test_metric_over_batches_equals_the_whole_set(name):
-    logits, targets = _random_batch()
+    logits, targets = _random_batch(name)
     whole = value(name, logits, targets)
     metric = build_metrics(resolve({"metrics": (name,)}), 7)[f"val_{name}"]
     for start in range(0, 60, 16):
         metric.update(logits[start : start + 16], targets[start : start + 16])
     assert float(metric.compute()) == pytest.approx(whole)
-    perfect = value(name, F.one_hot(targets, 7).float(), targets)
-    assert perfect == pytest.approx(100.0)
+    classes = METRICS[name].targets == "classes"
+    perfect = value(name, F.one_hot(targets, 7).float() if classes else targets, targets)
+    better = max if mode_of(f"val_{name}") == "max" else min
+    assert better(perfect, whole) == perfect and perfect != pytest.approx(whole)
+    if classes:
+        assert perfect == pytest.approx(100.0)
 
 
 def _free_port() -> int:
@@ -86,10 +93,10 @@ def _free_port() -> int:
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    logits, targets = _random_batch()
     metrics = build_metrics(resolve({"metrics": tuple(METRICS.names())}), 7)
-    for metric in metrics.values():
-        metric.update(logits[rank::world], targets[rank::world])  # each rank its shard, as evaluate() takes it
+    for name, metric in metrics.items():
+        logits, targets = _random_batch(name.removeprefix("val_"))
+        metric.update(logits[rank::world].contiguous(), targets[rank::world].contiguous())  # each rank its shard (a model output)
     values = {name: float(metric.compute()) for name, metric in metrics.items()}
     if rank == 0:
         with open(out, "w") as f:
@@ -102,6 +109,6 @@ def test_metrics_reduce_across_ddp_ranks_to_the_whole_set(tmp_path):
     out = tmp_path / "values.json"
     mp.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2)
     reduced = json.loads(out.read_text())
-    logits, targets = _random_batch()
     for name in METRICS.names():
+        logits, targets = _random_batch(name)
         assert reduced[f"val_{name}"] == pytest.approx(value(name, logits, targets)), name

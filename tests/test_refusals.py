@@ -114,6 +114,16 @@ RUN = [
         lambda f: ["--metrics", "macro_f1", "--f1-ignore-index", "10"],
         "--f1-ignore-index 10 is not a class of the 10",
     ),
+    (
+        "mse-on-class-labels",
+        lambda f: ["--criterion", "mse_loss", "--dummy-n-samples", "64"],
+        "--criterion mse_loss takes real-valued targets, but dataset DummyDataset has class labels (10 classes)",
+    ),
+    (
+        "accuracy-on-real-targets",
+        lambda f: ["--dataset", "Regression", "--regression-n-samples", "64", "--metrics", "top_1_accuracy"],
+        "--metrics top_1_accuracy takes class labels, but dataset Regression has real-valued targets (shape [1])",
+    ),
     ("precision-unknown", lambda f: ["--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
     ("name-empty", lambda f: ["--name", ""], "--name '' is not a name"),
     ("name-parent", lambda f: ["--name", "../x"], "--name '../x' is not a name"),

@@ -237,3 +237,28 @@ def test_optuna_search_runs_the_sweep(tmp_path):
     rows = pq.read_table(tmp_path / "smoke" / "results.parquet").to_pylist()
     assert len(rows) == 3 and all(r["epochs"] >= 1 for r in rows)
     assert all(1e-3 <= r["lr"] <= 3e-2 for r in rows)  # sampled by Optuna within the space
+
+
+@pytest.mark.timeout(300)
+def test_a_regression_sweep_ranks_by_its_error_metrics_own_mode(tmp_path):
+    """No `mode` in the file: val_mean_absolute_error is registered mode="min", so the lowest error ranks first."""
+    path = tmp_path / "regression.py"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            from ray import tune
+            base = {"dataset": "Regression", "regression_n_samples": 256, "regression_val_n_samples": 64,
+                    "regression_input_shape": (16,), "ff_hidden_sizes": (16,), "batch_size": 32}
+            space = {"lr": tune.grid_search([1e-7, 3e-2])}
+            metric = "val_mean_absolute_error"
+            num_samples, epochs, trial_scheduler = 1, 2, "fifo"
+            """
+        )
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "regression" / "results.parquet").to_pylist()
+    errors = [r["val_mean_absolute_error"] for r in rows]
+    assert [r["lr"] for r in rows] == [3e-2, 1e-7] and errors == sorted(errors), "the lowest error ranks first"
+    best = json.loads((tmp_path / "regression" / "best.json").read_text())
+    assert (best["mode"], best["value"], best["config"]["criterion"]) == ("min", min(errors), "mse_loss")

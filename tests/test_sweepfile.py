@@ -143,3 +143,19 @@ def test_fuse_falls_back_where_a_trials_optimizer_has_no_stacked_step_and_names_
         "fuse = 2: trials with test_rmsprop cannot fuse (RMSprop has no stacked step; Adam, AdamW and SGD have); "
         "each trial runs in its own process"
     ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "mode"),
+    [
+        ('metric = "val_top_1_accuracy"', "max"),
+        ('metric = "val_loss"', "min"),
+        ('metric = "val_mean_absolute_error"\nbase = {"dataset": "Regression"}', "min"),
+        ('metric = "val_mean_absolute_error"\nmode = "max"\nbase = {"dataset": "Regression"}', "max"),
+    ],
+    ids=["accuracy", "loss", "error", "set-in-the-file"],
+)
+def test_mode_not_set_is_the_metrics_own(lines, mode, tmp_path):
+    """A sweep file without `mode` ranks by its metric's registered mode (errors and losses fall); a set one stays."""
+    space = '{"lr": tune.loguniform(1e-4, 1e-3)}'
+    assert load(write(tmp_path, f"from ray import tune\nspace = {space}\n{lines}\n")).mode == mode

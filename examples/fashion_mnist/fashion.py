@@ -31,7 +31,9 @@ def read_idx_gz(path: Path) -> np.ndarray:
     try:
         data = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc}); apt-get install dataset-fashion-mnist, or pass --fashion-root") from None
+        raise ConfigError(
+            f"{path}: cannot read it ({exc}); apt-get install dataset-fashion-mnist, or pass --fashion-root"
+        ) from None
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)

@@ -1,12 +1,11 @@
 """Fashion-MNIST with a model and a dataset of this project's own, trained with augmentation.
 
-    apt-get install dataset-fashion-mnist
-    python -m toolbox.sweep examples/fashion_mnist/sweep.py
+apt-get install dataset-fashion-mnist
+python -m toolbox.sweep examples/fashion_mnist/sweep.py
 """
 
-from ray import tune
-
 import fashion  # noqa: F401 - registers FashionMNIST and FashionNet, here and in every trial
+from ray import tune
 
 base = {
     "dataset": "FashionMNIST",

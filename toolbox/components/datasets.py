@@ -2,7 +2,8 @@
 
 ``maker(directory) -> dict`` writes tiny test data under ``directory`` (if the dataset reads files)
 and returns the config keys that load it: the parametrized tests train every model on every
-dataset through it, and never read the real files.
+dataset through it, and never read the real files. A dataset of real-valued targets registers with
+``targets="real"``: configs that choose it then default to a criterion and metrics that take them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from toolbox.config.registry import PositiveInt, Registry
-from toolbox.data.tensors import TensorData
+from toolbox.config.registry import NonNegativeFloat, PositiveInt, Registry
+from toolbox.data.tensors import Target, TensorData
 
 DATASETS = Registry("dataset", selector="dataset")
 
@@ -49,6 +50,37 @@ def dummy_dataset(
     teacher = torch.randn(x[0].numel(), num_classes, generator=g)
     y = (x.flatten(1) @ teacher).argmax(1)
     return TensorData(x[:n_samples], y[:n_samples], x[n_samples:], y[n_samples:], num_classes)
+
+
+def _tiny_regression(directory: Path) -> dict:
+    return {"regression_n_samples": 64, "regression_val_n_samples": 32, "regression_input_shape": (1, 12, 12)}
+
+
+@DATASETS.register("Regression", prefix="regression", tiny=_tiny_regression, targets="real")
+def regression(
+    seed: int,
+    /,
+    *,
+    n_samples: PositiveInt = 2048,
+    val_n_samples: PositiveInt = 256,
+    input_shape: tuple[PositiveInt, ...] = (784,),
+    num_values: PositiveInt = 1,
+    noise: NonNegativeFloat = 0.1,
+) -> TensorData:
+    """Gaussian inputs with real-valued targets from a fixed random linear teacher, plus Gaussian noise.
+
+    Args:
+        n_samples: training samples.
+        val_n_samples: validation samples.
+        input_shape: the shape of one sample, e.g. 784 or 1 28 28.
+        num_values: real values per target.
+        noise: standard deviation of the noise added to the teacher's values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_samples + val_n_samples, *input_shape, generator=g)
+    teacher = torch.randn(x[0].numel(), num_values, generator=g) / x[0].numel() ** 0.5  # targets of unit variance
+    y = x.flatten(1) @ teacher + noise * torch.randn(len(x), num_values, generator=g)
+    return TensorData(x[:n_samples], y[:n_samples], x[n_samples:], y[n_samples:], target=Target.real((num_values,)))
 
 
 def _tiny_mnist(directory: Path) -> dict:

@@ -1,4 +1,8 @@
-"""Criteria (loss functions). ``fn(*, <config>) -> nn.Module`` taking (logits, targets)."""
+"""Criteria (loss functions). ``fn(*, <config>) -> nn.Module`` taking (outputs, targets).
+
+A criterion says which targets it takes: ``register(name, targets="real")`` for real values
+(outputs and targets then come as [batch, values]); class indices by default.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +21,9 @@ def cross_entropy_loss(*, label_smoothing: Fraction = 0.0) -> nn.Module:
         label_smoothing: share of each target's probability spread over all classes.
     """
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+@CRITERIA.register("mse_loss", targets="real")
+def mse_loss() -> nn.Module:
+    """Mean squared error between outputs and real-valued targets."""
+    return nn.MSELoss()

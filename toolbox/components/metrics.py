@@ -1,8 +1,10 @@
-"""Validation metrics. ``fn(num_classes, /, *, <config>) -> torchmetrics.Metric``.
+"""Validation metrics. ``fn(num_outputs, /, *, <config>) -> torchmetrics.Metric``.
 
 A metric keeps its state across batches and reduces it across DDP ranks (torchmetrics does both),
-so any metric of the whole val set can be one function. Values are reported as ``val_<name>``;
-the ones here are in percent.
+so any metric of the whole val set can be one function. Values are reported as ``val_<name>``.
+``num_outputs`` is the model's outputs per sample: the class count, or the real values per sample.
+A metric says at registration which targets it takes (``targets="real"``; class indices by default,
+those here in percent) and which way is better (``mode="min"`` for errors; "max" by default).
 """
 
 from __future__ import annotations
@@ -49,3 +51,27 @@ def macro_f1(num_classes: int, /, *, ignore_index: int | None = None) -> torchme
     from torchmetrics.classification import MulticlassF1Score
 
     return MulticlassF1Score(num_classes, average="macro", ignore_index=ignore_index) * 100
+
+
+@METRICS.register("mean_absolute_error", targets="real", mode="min")
+def mean_absolute_error(num_outputs: int, /) -> torchmetrics.Metric:
+    """Mean absolute difference between outputs and real-valued targets, over every value."""
+    from torchmetrics import MeanAbsoluteError
+
+    return MeanAbsoluteError()
+
+
+@METRICS.register("r2_score", targets="real")
+def r2_score(num_outputs: int, /) -> torchmetrics.Metric:
+    """Coefficient of determination (1 is a perfect fit), averaged over the target's values."""
+    from torchmetrics import R2Score
+
+    return R2Score(multioutput="uniform_average")
+
+
+def mode_of(reported: str) -> str:
+    """Which way a reported value is better, "min" or "max": losses fall; a metric says at registration (default "max")."""
+    if reported.endswith("_loss"):
+        return "min"
+    name = reported.removeprefix("val_")
+    return METRICS[name].meta.get("mode", "max") if name in METRICS else "max"

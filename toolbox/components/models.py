@@ -1,5 +1,6 @@
-"""Models. ``fn(sample_shape, num_classes, /, *, <config>) -> nn.Module``: the trainer passes the data's shape.
+"""Models. ``fn(sample_shape, num_outputs, /, *, <config>) -> nn.Module``: the trainer passes the data's shape.
 
+``num_outputs`` is the outputs per sample: the class count (logits), or the real values per target.
 A model that takes samples of one rank only declares it by naming their dimensions,
 ``register(name, sample_dims=("channels", "height", "width"))``; without it, any shape is its to take.
 """
@@ -38,7 +39,7 @@ def from_data(flag: str, given: int | None, data_says: int, what: str) -> int:
 @MODELS.register("FeedForwardNeuralNetwork", prefix="ff")
 def feed_forward_neural_network(
     sample_shape: tuple[int, ...],
-    num_classes: int,
+    num_outputs: int,
     /,
     *,
     input_size: PositiveInt | None = None,
@@ -51,13 +52,13 @@ def feed_forward_neural_network(
 
     Args:
         input_size: input features (default: what the data's samples hold).
-        output_dim: logits (default: the data's class count).
+        output_dim: outputs (default: the data's class count or target values).
         hidden_sizes: width of each hidden layer.
         activation: after each hidden layer.
         dropout: probability of zeroing a hidden unit while training.
     """
     width = from_data("--ff-input-size", input_size, math.prod(sample_shape), f"its samples {list(sample_shape)} hold")
-    output_dim = from_data("--ff-output-dim", output_dim, num_classes, "its class count is")
+    output_dim = from_data("--ff-output-dim", output_dim, num_outputs, "its outputs per sample (classes or target values) are")
     layers: list[nn.Module] = [nn.Flatten()]
     for hidden in hidden_sizes:
         layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
@@ -71,7 +72,7 @@ def feed_forward_neural_network(
 @MODELS.register("ConvNet", prefix="cnn", sample_dims=("channels", "height", "width"))
 def conv_net(
     sample_shape: tuple[int, ...],
-    num_classes: int,
+    num_outputs: int,
     /,
     *,
     channels: tuple[PositiveInt, ...] = (16, 32),
@@ -101,7 +102,7 @@ def conv_net(
     layers += [nn.Flatten(), nn.Linear(depth * height * width, hidden_size), ACTIVATIONS[activation]()]
     if dropout:
         layers.append(Dropout(dropout))
-    layers.append(nn.Linear(hidden_size, num_classes))
+    layers.append(nn.Linear(hidden_size, num_outputs))
     return nn.Sequential(*layers)
 
 

@@ -10,7 +10,7 @@ import typing
 from typing import Any, NoReturn
 
 from toolbox.config.registry import Component, Param, nearest
-from toolbox.config.resolve import KINDS, TRAINING_OPTIONS, all_keys, flag, optional_of, type_name, unwrap
+from toolbox.config.resolve import KINDS, SELECTORS, TRAINING_OPTIONS, all_keys, flag, optional_of, type_name, unwrap
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,6 +65,8 @@ def _describe(component: Component) -> str:
 
 
 def _show(value: Any) -> str:
+    if value == ():
+        return "none"
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -77,9 +79,10 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         help_text = f"{option.help} (default: {_show(option.default)})"
         names = [flag(option.key)]
         kwargs = _argument(option.type)
+        if option.key in SELECTORS and SELECTORS[option.key].many:
+            kwargs = {"nargs": "+", "metavar": SELECTORS[option.key].kind.upper()}
         if option.key == "metrics":
             names.append("--active-metrics")  # the original toolbox's name
-            kwargs = {"nargs": "+", "metavar": "METRIC"}
         if option.key == "imports":
             kwargs = {"nargs": "+", "action": "extend", "metavar": "MODULE_OR_FILE"}
         training.add_argument(*names, dest=option.key, default=argparse.SUPPRESS, help=help_text, **kwargs)

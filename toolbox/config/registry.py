@@ -54,14 +54,6 @@ class Range:
         return " and ".join(f"{op} {value:g}" for op, value in bounds if value is not None)
 
 
-@dataclass(frozen=True)
-class MayBeEmpty:
-    """A rule for a list, used inside ``Annotated``: ``Annotated[tuple[str, ...], MayBeEmpty()]`` takes none too."""
-
-    def __str__(self) -> str:
-        return "(may be empty)"
-
-
 PositiveInt = Annotated[int, Range(gt=0)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 PositiveFloat = Annotated[float, Range(gt=0)]
@@ -94,6 +86,11 @@ class Component:
     @property
     def summary(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n")[0]
+
+    @property
+    def targets(self) -> str:
+        """The kind of target a dataset gives or a criterion or metric takes: "classes" (default) or "real"."""
+        return self.meta.get("targets", "classes")
 
     def defaults(self) -> dict[str, Any]:
         return {p.key: p.default for p in self.params}

@@ -12,8 +12,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
+from toolbox.components.augmentations import AUGMENTATIONS
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -21,10 +22,10 @@ from toolbox.components.models import MODELS
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config import user_code
-from toolbox.config.registry import ConfigError, MayBeEmpty, NonNegativeInt, Param, PositiveInt, Range, Registry, nearest
+from toolbox.config.registry import ConfigError, NonNegativeInt, Param, PositiveInt, Range, Registry, nearest
 
 # Registries whose chosen components' parameters join the config, in config order.
-KINDS: tuple[Registry, ...] = (MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS)
+KINDS: tuple[Registry, ...] = (MODELS, DATASETS, CRITERIA, OPTIMIZERS, SCHEDULERS, METRICS, AUGMENTATIONS)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Option:
 
 IMPORTS = Option(
     "imports",
-    Annotated[tuple[str, ...], MayBeEmpty()],
+    tuple[str, ...],
     (),
     "your modules or .py files to import first, in every process: their registered components join the choices",
 )
@@ -49,6 +50,7 @@ TRAINING_OPTIONS = (
     Option("optimizer", str, "adamw", "optimizer"),
     Option("scheduler", str, "none", "learning-rate scheduler"),
     Option("metrics", tuple[str, ...], ("top_1_accuracy", "top_5_accuracy"), "validation metrics"),
+    Option("augmentations", tuple[str, ...], (), "training-batch augmentations, applied in this order"),
     Option("epochs", PositiveInt, 10, "epochs to train (a resumed run stops at this epoch)"),
     Option("batch_size", PositiveInt, 128, "batch size per worker"),
     Option("seed", NonNegativeInt, 0, "seed for weights, data order, dropout and sweep sampling"),
@@ -80,11 +82,11 @@ def all_keys() -> dict[str, Param | Option]:
     return keys
 
 
-def unwrap(annotation: Any) -> tuple[Any, list[Range | MayBeEmpty]]:
+def unwrap(annotation: Any) -> tuple[Any, list[Range]]:
     """The type inside ``Annotated[type, Range(...), ...]`` and its rules."""
     if typing.get_origin(annotation) is typing.Annotated:
         base, *extras = typing.get_args(annotation)
-        return base, [e for e in extras if isinstance(e, (Range, MayBeEmpty))]
+        return base, [e for e in extras if isinstance(e, Range)]
     return annotation, []
 
 
@@ -123,7 +125,8 @@ def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> A
             value = (value,)
         value = tuple(value)
         item_types = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value and MayBeEmpty() not in rules):
+        # An empty list of names chooses none (no augmentations); an empty list of sizes is a mistake.
+        if len(item_types) != len(value) or (args[-1] is Ellipsis and not value and args[0] is not str):
             raise bad
         return tuple(coerce(key, t, v, label) for t, v in zip(item_types, value))
     if annotation is bool:
@@ -139,7 +142,7 @@ def coerce(key: str, annotation: Any, value: Any, label: str | None = None) -> A
             raise bad
         value = annotation(value)
         for rule in rules:
-            if isinstance(rule, Range) and not rule.holds(value):
+            if not rule.holds(value):
                 raise ConfigError(f"{label} must be {rule}, got {value:g}")
         return value
     if annotation is str:
@@ -172,9 +175,11 @@ def resolve(given: dict[str, Any], base: dict[str, Any] | None = None, *, strict
     chosen (``momentum`` only reaches trials whose optimizer is sgd).
     """
     source = {**(base or {}), **given}
-    source["imports"] = user_code.canonical(coerce(IMPORTS.key, IMPORTS.type, source.get(IMPORTS.key, IMPORTS.default)))
-    user_code.load(source["imports"])  # their components must be registered before the config names them
-    config: dict[str, Any] = {o.key: coerce(o.key, o.type, source.get(o.key, o.default)) for o in TRAINING_OPTIONS}
+    source[IMPORTS.key] = user_code.canonical(coerce(IMPORTS.key, IMPORTS.type, source.get(IMPORTS.key, IMPORTS.default)))
+    user_code.load(source[IMPORTS.key])  # their components must be registered before the config names them
+    config: dict[str, Any] = {}
+    for o in TRAINING_OPTIONS:
+        config[o.key] = coerce(o.key, o.type, source[o.key] if o.key in source else _default(o, config))
     for registry in KINDS:
         for component in registry.chosen(config):
             for p in component.params:
@@ -183,6 +188,18 @@ def resolve(given: dict[str, Any], base: dict[str, Any] | None = None, *, strict
         if key not in config and strict:
             raise ConfigError(_not_taken(key, config))
     return config
+
+
+def _default(option: Option, config: dict[str, Any]) -> Any:
+    """``option``'s default; a criterion's and the metrics' follow the kind of target the chosen dataset declares."""
+    registry = SELECTORS.get(option.key)
+    if registry is None or registry.kind not in ("criterion", "metric") or "dataset" not in config:
+        return option.default
+    targets = DATASETS[config["dataset"]].targets
+    if all(c.targets == targets for c in registry.chosen({option.key: option.default})):
+        return option.default
+    taking = tuple(c.name for c in registry if c.targets == targets)
+    return taking if registry.many else taking[0]
 
 
 def _not_taken(key: str, config: dict) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from toolbox.components.augmentations import AUGMENTATIONS
 from toolbox.components.datasets import DATASETS
 from toolbox.components.losses import CRITERIA
 from toolbox.components.metrics import METRICS
@@ -16,11 +19,13 @@ from toolbox.components.models import MODELS, sample_shape_refusal
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import Component, ConfigError
-from toolbox.config.resolve import KINDS
-from toolbox.data.tensors import DataSpec, TensorData
+from toolbox.config.resolve import KINDS, flag
+from toolbox.data.tensors import DataSpec, Target, TensorData
 
 if TYPE_CHECKING:
     import torchmetrics
+
+TARGET_WORDS = {"classes": "class labels", "real": "real-valued targets"}
 
 
 def build_dataset(config: dict) -> TensorData:
@@ -38,7 +43,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_model(config: dict, spec: DataSpec) -> nn.Module:
-    return _model_taking(config, spec).build(*spec, config=config)
+    return _model_taking(config, spec).build(spec.sample_shape, spec.num_outputs, config=config)
 
 
 def _model_taking(config: dict, spec: DataSpec) -> Component:
@@ -64,9 +69,27 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int) -> tuple[LRSc
     return component.build(optimizer, steps_per_epoch, config["epochs"], config=config), component.meta["interval"]
 
 
-def build_metrics(config: dict, num_classes: int) -> dict[str, torchmetrics.Metric]:
-    """The config's metrics, by reported name (``val_<metric>``)."""
-    return {f"val_{c.name}": c.build(num_classes, config=config) for c in METRICS.chosen(config)}
+def build_metrics(config: dict, num_outputs: int) -> dict[str, torchmetrics.Metric]:
+    """The config's metrics, by reported name (``val_<metric>``), for a model of ``num_outputs`` outputs per sample."""
+    return {f"val_{c.name}": c.build(num_outputs, config=config) for c in METRICS.chosen(config)}
+
+
+def build_augmentations(config: dict) -> list[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
+    """The config's augmentations in order, each ``(inputs, generator) -> inputs`` with its config values bound."""
+    return [
+        functools.partial(c.fn, **{p.name: config.get(p.key, p.default) for p in c.params}) for c in AUGMENTATIONS.chosen(config)
+    ]
+
+
+def check_targets(config: dict, target: Target) -> None:
+    """The chosen criterion and metrics take the data's kind of target (their registration's ``targets``)."""
+    for registry in (CRITERIA, METRICS):
+        for component in registry.chosen(config):
+            if component.targets != target.kind:
+                raise ConfigError(
+                    f"{flag(registry.selector)} {component.name} takes {TARGET_WORDS[component.targets]}, "
+                    f"but dataset {config['dataset']} has {target}"
+                )
 
 
 def fast_forward(scheduler: LRScheduler, steps: int) -> None:
@@ -104,13 +127,15 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
             built[key] = component.build(*args, config=config)
         return built[key]
 
+    check_targets(config, spec.targets)
+    check_augmentations(config, spec.sample_shape)
     try:
-        model = build(_model_taking(config, spec), *spec)
+        model = build(_model_taking(config, spec), spec.sample_shape, spec.num_outputs)
         build(CRITERIA[config["criterion"]])
         optimizer = build(OPTIMIZERS[config["optimizer"]], list(model.parameters()))
         build(SCHEDULERS[config["scheduler"]], optimizer, 10, config["epochs"])  # any optimizer will do to check a schedule
         for metric in METRICS.chosen(config):
-            build(metric, spec.num_classes)
+            build(metric, spec.num_outputs)
     except ConfigError:
         raise
     except (ValueError, TypeError, ArithmeticError, RuntimeError, MemoryError) as exc:  # torch's own checks of the values
@@ -119,8 +144,22 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
     return model
 
 
+def check_augmentations(config: dict, sample_shape: tuple[int, ...]) -> None:
+    """Each chosen augmentation takes a batch of the data's samples and keeps its shape."""
+    inputs = torch.zeros(2, *sample_shape)
+    for name, augment in zip(config["augmentations"], build_augmentations(config)):
+        try:
+            shape = augment(inputs, torch.Generator().manual_seed(0)).shape
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"--augmentations {name} does not take {config['dataset']} samples: {_first_line(exc)}") from None
+        if shape != inputs.shape:
+            raise ConfigError(
+                f"--augmentations {name} turns {config['dataset']} samples of shape {list(sample_shape)} into {list(shape[1:])}"
+            )
+
+
 def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None:
-    """The model must take the dataset's samples and give one logit per class."""
+    """The model must take the dataset's samples and give one output per class or real target value."""
     try:
         with torch.no_grad():
             logits = model.eval()(data.normalize(data.train_x[:2]))
@@ -129,8 +168,8 @@ def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None
             f"model {config['arch']!r} does not accept {config['dataset']} samples of shape "
             f"{list(data.sample_shape)}: {str(exc).splitlines()[0]}"
         ) from None
-    if tuple(logits.shape) != (len(data.train_x[:2]), data.num_classes):
+    if tuple(logits.shape) != (len(data.train_x[:2]), data.target.num_outputs):
         raise ConfigError(
-            f"model {config['arch']!r} gives logits of shape {list(logits.shape[1:])} per sample; "
-            f"{config['dataset']} has {data.num_classes} classes"
+            f"model {config['arch']!r} gives outputs of shape {list(logits.shape[1:])} per sample; "
+            f"{config['dataset']} has {data.target}, which take {data.target.num_outputs}"
         )

@@ -1,10 +1,11 @@
 """Horizontally fused training (HFTA, Wang et al., MLSys 2021): K same-shaped trials as one stacked model.
 
-Each member keeps what makes it its own run of ``loop.train``: its initial weights (built under its
-seed), its hyperparameters and schedule (its own registry-built optimizer and scheduler, read every
-step), its dropout masks (its own generator, seeded and drawn as the loop's global one), its data
-order, criterion and metrics, and its rows and checkpoints. On CPU its numbers are the unfused
-loop's to float rounding, and its checkpoints resume in the unfused loop and back.
+Each member is a ``phases.Run`` and goes through ``loop.train``'s phases, keeping what makes it its
+own run: its initial weights (built under its seed), its hyperparameters and schedule (its own
+registry-built optimizer and scheduler, read every step), its dropout masks (its own generator,
+seeded and drawn as the loop's global one), its data order, its augmentations (drawn from its own
+generator), its criterion and metrics, and its rows and checkpoints. On CPU its numbers are the
+unfused loop's to float rounding, and its checkpoints resume in the unfused loop and back.
 
 Members join (``add``) and leave at epoch boundaries. A member leaves after its last epoch, or when
 its session's ``report`` raises ``StopMember`` (the report itself is kept). Members may be at
@@ -14,25 +15,39 @@ next epoch of every member.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from toolbox.components.datasets import DATASETS
 from toolbox.components.models import MODELS
 from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import DataSpec, TensorData
-from toolbox.training.builders import build_criterion, build_metrics, build_model, build_optimizer, build_scheduler
+from toolbox.training.builders import build_model, build_optimizer
 from toolbox.training.fused_model import StackedModel, layout, no_stacked_form
 from toolbox.training.fused_optim import StackedOptimizer, member_moments, member_state_dict, no_stacked_step
-from toolbox.training.loop import EVAL_BATCH, flush_denormals, report_epoch, restore_state
-from toolbox.training.resume import restore_optimization
+from toolbox.training.phases import (
+    Run,
+    after_epoch_steps,
+    after_step,
+    augmented,
+    batch_loss,
+    checkpoint_state,
+    dropout_seed,
+    end_epoch,
+    epoch_order,
+    evaluate,
+    flush_denormals,
+    report_epoch,
+    restore,
+    rng_states,
+    setup,
+    take_step,
+)
 from toolbox.training.session import Session
 
 SHARED_KEYS = ("arch", "dataset", "batch_size", "optimizer")  # besides the model's and the dataset's own keys
@@ -92,32 +107,13 @@ def _unstackable_models(configs: list[dict], spec: DataSpec) -> str | None:
     return None
 
 
-@dataclass(eq=False)  # members are told apart by identity
-class Member:
-    """One trial of a group: what the unfused loop keeps for its run. Weights and moments live in the stack."""
+@dataclass(eq=False)
+class Member(Run):
+    """One trial of a group: its ``Run`` (weights and moments live in the stack). Its model holds the state dict's
+    keys and the placeholders its optimizer holds; its optimizer the hyperparameters its scheduler drives."""
 
-    config: dict
-    session: Session
-    model: nn.Module  # its own model: the state dict's keys, and the placeholders its optimizer holds
-    optimizer: torch.optim.Optimizer  # the registry's: hyperparameters, driven by its scheduler
-    scheduler: LRScheduler
-    interval: str
-    criterion: nn.Module
-    metrics: dict
-    generator: torch.Generator  # dropout on CPU, seeded and checkpointed as the loop's global generator
-    device_generator: torch.Generator | None = None  # dropout elsewhere (not checkpointed, as in the loop)
-    epoch: int = 0
-    global_step: int = 0
-    best_val_loss: float = math.inf
-    first_step_time: float | None = None
-    history: list = field(default_factory=list)  # its rows so far, carried in its checkpoints
+    device_generator: torch.Generator | None = None  # dropout off the CPU (not checkpointed, as in the loop)
     unstacked: tuple | None = None  # (weights, moments, optimizer steps) until it joins the stack
-
-
-def _step_scheduler(scheduler: LRScheduler) -> None:
-    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the stacked step is the optimizer's
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
 
 
 class FusedGroup:
@@ -155,7 +151,7 @@ class FusedGroup:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train_y) / self._batch_size)
+        return (self.members or self.joining)[0].steps_per_epoch
 
     @property
     def _batch_size(self) -> int:
@@ -177,25 +173,17 @@ class FusedGroup:
         lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
         loss_sums = self._train_steps()
         train_seconds = time.perf_counter() - started
-        vals = self._evaluate()
+        self.model.eval()
+        count = len(self.members)
+        vals = evaluate(
+            self.members, lambda inputs: self.model(inputs.expand(count, *inputs.shape)), self.data, self.members[0].session
+        )
         epoch_seconds = time.perf_counter() - started
         leaving, n = [], len(self.data.train_y)
         for k, member in enumerate(self.members):
-            member.epoch += 1
-            member.best_val_loss = min(member.best_val_loss, vals[k]["val_loss"])
-            row = {
-                "epoch": member.epoch,
-                "lr": lrs[k],
-                "train_loss": loss_sums[k].item() / n,
-                **vals[k],
-                "epoch_s": epoch_seconds,
-                "samples_per_s": n / train_seconds,  # this member's samples
-                "global_step": member.global_step,
-                "steps_per_epoch": self.steps_per_epoch,
-                "first_step_time": member.first_step_time,
-            }
+            # samples_per_s counts this member's samples
+            row = end_epoch(member, lrs[k], loss_sums[k].item() / n, vals[k], epoch_seconds, n / train_seconds)
             state = self._checkpoint(k, row)
-            member.history = state["history"]
             try:
                 report_epoch(member.session, row, state)
             except StopMember:
@@ -208,29 +196,14 @@ class FusedGroup:
 
     def _build_member(self, config: dict, session: Session, resume_from: str | None) -> Member | None:
         """As ``loop.train`` sets a run up: the same seeds, builders and restored state."""
-        torch.manual_seed(config["seed"])  # the unfused run's initial weights
-        model = build_model(config, self.data.spec)
-        state = restore_state(session, resume_from)
-        if state is not None:
-            model.load_state_dict(state["model"])
-        model.to(self.device)
-        optimizer = build_optimizer(config, model.parameters())
-        steps_per_epoch = math.ceil(len(self.data.train_y) / config["batch_size"])
-        scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
-        metrics = {name: m.to(self.device) for name, m in build_metrics(config, self.data.num_classes).items()}
-        generator = torch.Generator().manual_seed(config["seed"] + 1)  # as the loop seeds rank 0's
-        member = Member(config, session, model, optimizer, scheduler, interval, build_criterion(config), metrics, generator)
+        member, state = setup(
+            config, self.data, session, resume_from, lambda model: model.to(self.device), torch.Generator(), record=Member
+        )
         if self.device.type != "cpu":
-            member.device_generator = torch.Generator(self.device).manual_seed(config["seed"] + 1)
-        if state is not None:
-            restore_optimization(state, config, optimizer, scheduler, interval, steps_per_epoch)
-            generator.set_state(state["rng"].get("per_rank", [state["rng"]["torch"]])[0])
-            member.epoch, member.global_step, member.best_val_loss = state["epoch"], state["global_step"], state["best_val_loss"]
-            member.history = list(state.get("history", []))
-            session.restored(state)
-            if member.epoch >= config["epochs"]:
-                session.report(state["row"], None)
-                return None
+            member.device_generator = torch.Generator(self.device).manual_seed(dropout_seed(config, 0))
+        if state is not None and restore(member, state):
+            return None
+        model, optimizer = member.model, member.optimizer
         params = dict(model.named_parameters())
         member.unstacked = ({key: p.detach() for key, p in params.items()}, *member_moments(optimizer, params))
         optimizer.state.clear()  # the stack holds the moments from here on
@@ -254,7 +227,7 @@ class FusedGroup:
         if not members:
             self.model = self.optimizer = None
             return
-        generators = [m.device_generator or m.generator for m in members]
+        generators = [m.device_generator or m.dropout for m in members]
         self.model = StackedModel([m.model for m in members], [u[0] for u in unstacked], generators)
         params = dict(self.model.named_parameters())
         moments = {
@@ -266,70 +239,36 @@ class FusedGroup:
     def _train_steps(self) -> torch.Tensor:
         """One epoch of steps for every member, each in its own data order; the members' summed train losses."""
         members, n, batch_size = self.members, len(self.data.train_y), self._batch_size
-        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(m.config["seed"] * 7919 + m.epoch)) for m in members]
-        order = torch.stack(orders).to(self.device)
+        order = torch.stack([epoch_order(m.config, m.epoch, n) for m in members]).to(self.device)
         loss_sums = torch.zeros(len(members), device=self.device)
+        augmenting = any(m.augmentations for m in members)
         self.model.train()
-        for i in range(0, n, batch_size):
-            now = time.time()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the stacked step is the optimizer's
+            warnings.simplefilter("ignore", UserWarning)
+            for i in range(0, n, batch_size):
+                now = time.time()
+                for member in members:
+                    member.first_step_time = member.first_step_time or now
+                batch = order[:, i : i + batch_size]
+                inputs, targets = self.data.batch("train", batch.flatten())
+                inputs = inputs.view(*batch.shape, *inputs.shape[1:])
+                if augmenting:  # each member's batch through its own augmentations and generator
+                    inputs = torch.stack([augmented(m, inputs[k]) for k, m in enumerate(members)])
+                outputs = self.model(inputs)
+                targets = targets.view(*batch.shape, *targets.shape[1:])
+                losses = torch.stack([batch_loss(m, outputs[k], targets[k]) for k, m in enumerate(members)])
+                take_step(losses.sum(), self.optimizer)  # member k's parameters get the gradient of its own loss alone
+                for member in members:
+                    after_step(member)
+                loss_sums += losses.detach() * batch.shape[1]
             for member in members:
-                member.first_step_time = member.first_step_time or now
-            batch = order[:, i : i + batch_size]
-            inputs, targets = self.data.batch("train", batch.flatten())
-            logits = self.model(inputs.view(*batch.shape, *inputs.shape[1:]))
-            targets = targets.view(batch.shape)
-            losses = torch.stack([m.criterion(logits[k], targets[k]) for k, m in enumerate(members)])
-            self.optimizer.zero_grad()
-            losses.sum().backward()  # member k's parameters get the gradient of its own loss alone
-            self.optimizer.step()
-            for member in members:
-                if member.interval == "step":
-                    _step_scheduler(member.scheduler)
-                member.global_step += 1
-            loss_sums += losses.detach() * batch.shape[1]
-        for member in members:
-            if member.interval == "epoch":
-                _step_scheduler(member.scheduler)
+                after_epoch_steps(member)
         return loss_sums
-
-    @torch.no_grad()
-    def _evaluate(self) -> list[dict]:
-        """Every member's val loss and metrics over the whole val set, as ``loop.evaluate`` takes them."""
-        self.model.eval()
-        members, n = self.members, len(self.data.val_y)
-        sums = torch.zeros(len(members), 2, dtype=torch.float64, device=self.device)
-        for member in members:
-            for metric in member.metrics.values():
-                metric.reset()
-        for i in range(0, n, EVAL_BATCH):
-            inputs, targets = self.data.batch("val", torch.arange(i, min(i + EVAL_BATCH, n), device=self.device))
-            logits = self.model(inputs.expand(len(members), *inputs.shape))
-            for k, member in enumerate(members):
-                sums[k, 0] += member.criterion(logits[k], targets).double() * len(targets)
-                sums[k, 1] += len(targets)
-                for metric in member.metrics.values():
-                    metric.update(logits[k], targets)
-        return [
-            {"val_loss": loss / count, **{name: float(metric.compute()) for name, metric in member.metrics.items()}}
-            for member, (loss, count) in zip(members, sums.tolist())
-        ]
 
     def _checkpoint(self, k: int, row: dict) -> dict:
         """Member k's checkpoint state, as ``loop.train`` saves it."""
         member = self.members[k]
         weights = {key: t.clone(memory_format=torch.contiguous_format) for key, t in self.model.member_weights(k).items()}
         _, moments, steps = self._unstacked(member)
-        rng = member.generator.get_state()
-        return {
-            "model": weights,
-            "optimizer": member_state_dict(member.optimizer, dict(member.model.named_parameters()), moments, steps),
-            "scheduler": member.scheduler.state_dict(),
-            "epoch": member.epoch,
-            "global_step": member.global_step,
-            "rng": {"torch": rng, "per_rank": [rng]},
-            "best_val_loss": member.best_val_loss,
-            "val_loss": row["val_loss"],
-            "config": member.config,
-            "row": row,
-            "history": member.history + [row],
-        }
+        optimizer_state = member_state_dict(member.optimizer, dict(member.model.named_parameters()), moments, steps)
+        return checkpoint_state(member, row, weights, optimizer_state, rng_states(member))

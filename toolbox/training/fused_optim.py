@@ -97,7 +97,8 @@ class StackedOptimizer:
         # Reused every step: temporaries the size of a parameter cost more to allocate than to fill.
         self.scratch = {key: (torch.empty_like(p), torch.empty_like(p)) for key, p in params.items()}
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients are always set to None, as ``phases.take_step`` asks of every optimizer."""
         for p in self.params.values():
             p.grad = None
 

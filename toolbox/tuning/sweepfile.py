@@ -7,7 +7,7 @@ A sweep file sets module-level names (every one is optional except ``space``)::
     space = {"optimizer": tune.choice(["adamw", "sgd"]),      # the same keys, with Tune domains
              "lr": tune.loguniform(1e-4, 1e-2),
              "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
-    metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10
+    metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10   # mode unset: the metric's own
     trial_scheduler = "asha"   # fifo, hyperband, median_stopping, pbt
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from toolbox.components.datasets import DATASETS
+from toolbox.components.metrics import mode_of
 from toolbox.config import user_code
 from toolbox.config.registry import (
     ConfigError,
@@ -75,7 +76,7 @@ class Sweep:
     name: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     metric: str = "val_top_1_accuracy"
-    mode: Literal["min", "max"] = "max"
+    mode: Literal["min", "max"] | None = None  # not set: the metric's own ("min" for losses and errors)
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 10
     trial_scheduler: Literal["asha", "fifo", "hyperband", "median_stopping", "pbt"] = "asha"
@@ -90,6 +91,10 @@ class Sweep:
     # One-worker trials run the loop in the trial's own process, with no worker group to start.
     # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode is None:
+            self.mode = mode_of(self.metric)
 
     @property
     def total_trials(self) -> int:

@@ -160,7 +160,7 @@ def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog,
 
 def _train_fused(config: dict, sweep: Sweep, epoch_log: EpochLog, trial: Place) -> None:
     """The trial's member trains in the sweep's FusedWorker; this relays its epochs to Tune."""
-    from toolbox.training.loop import latest_checkpoint
+    from toolbox.training.phases import latest_checkpoint
     from toolbox.tuning.fused_trials import relay
 
     session, resume_from = _tune_session(sweep, epoch_log, trial)
