@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -130,3 +131,29 @@ def start_cli(module: str, *args: str) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+REGISTRY_TESTS = ("tests/test_components.py", "tests/test_fused.py")
+OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)\b", re.MULTILINE)
+
+
+def assert_registry_tests_pass(module: Path) -> None:
+    """The registry-parametrized tests, run on the components ``module`` registers (imported as ``--import`` does):
+    each component gets tests collected, and at least one passes; none fails."""
+    names = re.findall(r"\.register\(\s*\"([^\"]+)\"", module.read_text())
+    assert names, f"{module} registers no component"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "0", "-v", "-p", "no:cacheprovider", *REGISTRY_TESTS, "-k", " or ".join(names)],
+        cwd=ROOT,
+        env={**os.environ, "TOOLBOX_TEST_IMPORTS": str(module)},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    outcomes = OUTCOME.findall(done.stdout)
+    for name in names:
+        # A parametrized test's id holds the component's name between [, - and ].
+        own = [(test, outcome) for test, outcome in outcomes if re.search(rf"[\[-]{re.escape(name)}[\]-]", test)]
+        assert own, f"no registry test was collected for {name}: {done.stdout[-3000:]}"
+        assert any(outcome == "PASSED" for _, outcome in own), f"no registry test passed for {name}: {own}"

@@ -1,6 +1,6 @@
 """A user's own components for Fashion-MNIST: the dataset, read from Debian's `dataset-fashion-mnist`, and a CNN.
 
-Nothing here is part of toolbox: `toolbox.sweep sweep.py` imports this module through the sweep file's
+Nothing here is part of toolbox: `toolbox.sweep fashion_sweep.py` imports this module through the sweep file's
 `import fashion`, and `toolbox.run --import fashion.py` does the same for one run.
 """
 
@@ -41,6 +41,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
 
 def write_tiny_fashion(directory: Path) -> dict:
     """A few random images per split in Debian's layout, for toolbox's registry-parametrized tests."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("val", 32)):
         images, labels = FILES[split]

@@ -1,7 +1,7 @@
 """Fashion-MNIST with a model and a dataset of this project's own, trained with augmentation.
 
 apt-get install dataset-fashion-mnist
-python -m toolbox.sweep examples/fashion_mnist/sweep.py
+python -m toolbox.sweep examples/fashion_mnist/fashion_sweep.py
 """
 
 import fashion  # noqa: F401 - registers FashionMNIST and FashionNet, here and in every trial
