@@ -16,6 +16,7 @@ from typing import Any
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config
 from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from toolbox.config.resolve import changed_keys, coerce, resolve
+from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
 from toolbox.distributed.locations import DirLock, Place, check_address, place
@@ -74,7 +75,7 @@ class Plan:
 
     config: dict[str, Any]
     args: argparse.Namespace
-    data: TensorData
+    data: TensorData | DatasetSplits
     place: Place  # the run dir, local or under a storage URI
     resume_from: str | None
     state: dict | None  # the checkpoint resumed from
