@@ -90,6 +90,7 @@ def test_checkpoint_holds_the_full_training_state(tmp_path):
     assert state["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows))
     assert state["scheduler"]["last_epoch"] == 2  # step_lr steps once per epoch
     assert state["rng"]["torch"].dtype == torch.uint8
+    assert "augmentation" not in state["rng"]  # saved only where a run augments (its generator is the device's kind)
     assert len(state["optimizer"]["state"]) == len(list(state["model"]))
 
 

@@ -150,7 +150,7 @@ def restore(run: Run, state: dict) -> bool:
     per_rank = state["rng"].get("per_rank", [state["rng"]["torch"]])
     if run.session.rank < len(per_rank):
         run.dropout.set_state(per_rank[run.session.rank])
-    augmentation = state["rng"].get("augmentation", [])  # none in checkpoints from before augmentations
+    augmentation = state["rng"].get("augmentation", []) if run.augmentations else []  # absent where none ran
     if run.session.rank < len(augmentation):
         try:
             run.augmentation.set_state(augmentation[run.session.rank])
@@ -282,12 +282,13 @@ def checkpoint_state(run: Run, row: dict, weights: dict, optimizer_state: dict, 
 
 def rng_states(run: Run) -> dict:
     """Every rank's dropout and augmentation generator states, so a resumed DDP run draws what the uninterrupted one would."""
-    own = (run.dropout.get_state(), run.augmentation.get_state())
+    own = (run.dropout.get_state(), run.augmentation.get_state() if run.augmentations else None)
     per_rank = [own]
     if run.session.world_size > 1:
         per_rank = [None] * run.session.world_size
         torch.distributed.all_gather_object(per_rank, own)
-    return {"torch": own[0], "per_rank": [d for d, _ in per_rank], "augmentation": [a for _, a in per_rank]}
+    states = {"torch": own[0], "per_rank": [dropout for dropout, _ in per_rank]}
+    return states | ({"augmentation": [augmentation for _, augmentation in per_rank]} if run.augmentations else {})
 
 
 def report_epoch(session: Session, row: dict, state: dict) -> None:
