@@ -157,3 +157,38 @@ def assert_registry_tests_pass(module: Path) -> None:
         own = [(test, outcome) for test, outcome in outcomes if re.search(rf"[\[-]{re.escape(name)}[\]-]", test)]
         assert own, f"no registry test was collected for {name}: {done.stdout[-3000:]}"
         assert any(outcome == "PASSED" for _, outcome in own), f"no registry test passed for {name}: {own}"
+
+
+class ShiftedSamples(torch.utils.data.Dataset):
+    """Tensors as a map-style Dataset with a per-sample transform: each sample shifted by a random amount
+    drawn from torch's generator (in a DataLoader worker, the one the loader seeds)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, jitter: float):
+        self.x, self.y, self.jitter = x, y, jitter
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        return self.x[index].float() + self.jitter * torch.randn(()), self.y[index]
+
+
+def register_map_style_dataset(monkeypatch) -> dict:
+    """Register ``test_map_style`` for this test only (DummyDataset's tensors of 16 values as DatasetSplits); its config keys."""
+    from toolbox.components.datasets import DATASETS, dummy_dataset
+    from toolbox.data.splits import DatasetSplits
+
+    monkeypatch.setattr(DATASETS, "_components", dict(DATASETS._components))
+
+    @DATASETS.register("test_map_style", prefix="test")
+    def map_style(seed: int, /, *, jitter: float = 0.0) -> DatasetSplits:
+        """DummyDataset's tiny tensors, read sample by sample.
+
+        Args:
+            jitter: standard deviation of a random shift of each training sample's values.
+        """
+        tensors = dummy_dataset(seed, n_samples=64, val_n_samples=32, input_shape=(16,))
+        train, val = ShiftedSamples(tensors.train_x, tensors.train_y, jitter), ShiftedSamples(tensors.val_x, tensors.val_y, 0.0)
+        return DatasetSplits(train, val, tensors.target)
+
+    return {"dataset": "test_map_style"}

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from helpers import TINY_DUMMY, assert_same_weights, collecting_session, train_locally
+from helpers import TINY_DUMMY, assert_same_weights, collecting_session, register_map_style_dataset, train_locally
 
 from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
@@ -90,6 +90,7 @@ def test_checkpoint_holds_the_full_training_state(tmp_path):
     assert state["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows))
     assert state["scheduler"]["last_epoch"] == 2  # step_lr steps once per epoch
     assert state["rng"]["torch"].dtype == torch.uint8
+    assert "augmentation" not in state["rng"]  # saved only where a run augments (its generator is the device's kind)
     assert len(state["optimizer"]["state"]) == len(list(state["model"]))
 
 
@@ -326,3 +327,31 @@ def test_augmented_training_resumes_exactly_and_needs_the_augmentation_rng_state
     train_locally(config, data, checkpoints=tmp_path / "control", resume_from=tmp_path / "other_augmentation_rng")
     control = load_state(tmp_path / "control" / "epoch_4")["model"]
     assert any(not torch.equal(control[k], final[k]) for k in final)
+
+
+@pytest.fixture
+def map_style_dataset(monkeypatch) -> dict:
+    return {**RESUMABLE, **register_map_style_dataset(monkeypatch), "loader_workers": 2}
+
+
+def test_map_style_splits_read_in_the_tensor_paths_order_and_resume_exactly(map_style_dataset, tmp_path):
+    """Through a DataLoader with 2 worker processes, per-sample transforms drawn in the workers: without jitter
+    the rows are those of the same tensors as TensorData; with it, epochs 3-4 resumed from epoch 2 equal the
+    uninterrupted run's, and the jitter (the workers' draws) changed the numbers."""
+    from toolbox.components.datasets import dummy_dataset
+    from toolbox.data.splits import DatasetSplits
+
+    plain = resolve(map_style_dataset, strict=False)
+    plain_data = build_dataset(plain)
+    assert isinstance(plain_data, DatasetSplits) and plain_data.loader_workers == 2
+    unjittered = train_locally(plain, plain_data)
+    as_tensors = resolve({**RESUMABLE, "dummy_input_shape": (16,)})
+    compare_rows(unjittered, train_locally(as_tensors, dummy_dataset(0, n_samples=64, val_n_samples=32, input_shape=(16,))))
+
+    config = resolve({**map_style_dataset, "test_jitter": 0.5}, strict=False)
+    data = build_dataset(config)
+    full = train_locally(config, data, checkpoints=tmp_path / "full")
+    assert [r["train_loss"] for r in full] != pytest.approx([r["train_loss"] for r in unjittered], rel=1e-4)
+    resumed = train_locally(config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_2")
+    compare_rows(resumed, full[2:])
+    assert_same_weights(load_state(tmp_path / "resumed" / "epoch_4")["model"], load_state(tmp_path / "full" / "epoch_4")["model"])

@@ -127,7 +127,7 @@ def test_fuse_falls_back_for_hyperband_and_says_why(scheduler, tmp_path, caplog)
     sweep = load(path)
     data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
     with caplog.at_level("INFO", logger="toolbox"):
-        sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
+        sweep_cli._fall_back_unless_fusable(sweep, data, None)
     assert (sweep.fuse, "HyperBand pauses trials" in caplog.text) == ((0, True) if scheduler == "hyperband" else (2, False))
 
 
@@ -137,7 +137,7 @@ def test_fuse_falls_back_where_a_trials_optimizer_has_no_stacked_step_and_names_
     sweep = load(path)
     data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
     with caplog.at_level("INFO", logger="toolbox"):
-        sweep_cli._fall_back_unless_fusable(sweep, data.spec, None)
+        sweep_cli._fall_back_unless_fusable(sweep, data, None)
     assert sweep.fuse == 0
     assert [r.getMessage() for r in caplog.records if "cannot fuse" in r.getMessage()] == [
         "fuse = 2: trials with test_rmsprop cannot fuse (RMSprop has no stacked step; Adam, AdamW and SGD have); "
@@ -159,3 +159,19 @@ def test_mode_not_set_is_the_metrics_own(lines, mode, tmp_path):
     """A sweep file without `mode` ranks by its metric's registered mode (errors and losses fall); a set one stays."""
     space = '{"lr": tune.loguniform(1e-4, 1e-3)}'
     assert load(write(tmp_path, f"from ray import tune\nspace = {space}\n{lines}\n")).mode == mode
+
+
+def test_fuse_falls_back_for_map_style_splits_and_says_why(tmp_path, caplog, monkeypatch):
+    """A dataset of map-style splits is read through a DataLoader per trial: its trials cannot share one stack."""
+    from helpers import register_map_style_dataset
+
+    given = register_map_style_dataset(monkeypatch)
+    path = write(
+        tmp_path,
+        GOOD.replace('"dataset": "DummyDataset", "dummy_input_shape": (8,)', f'"dataset": {given["dataset"]!r}') + "fuse = 2\n",
+    )
+    sweep = load(path)
+    data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
+    with caplog.at_level("INFO", logger="toolbox"):
+        sweep_cli._fall_back_unless_fusable(sweep, data, None)
+    assert sweep.fuse == 0 and "the dataset is map-style splits" in caplog.text

@@ -17,6 +17,7 @@ from toolbox.config import user_code
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
 from toolbox.config.resolve import changed_keys, coerce, resolve
+from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
 from toolbox.distributed.locations import DirLock, Place, check_address, place
@@ -77,7 +78,7 @@ class Plan:
 
     config: dict[str, Any]
     args: argparse.Namespace
-    data: TensorData
+    data: TensorData | DatasetSplits
     place: Place  # the run dir, local or under a storage URI
     resume_from: str | None
     state: dict | None  # the checkpoint resumed from

@@ -131,17 +131,20 @@ def _empty(exp: Place) -> None:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def _fall_back_unless_fusable(sweep: Sweep, spec, address: str | None) -> None:
+def _fall_back_unless_fusable(sweep: Sweep, data, address: str | None) -> None:
     """``fuse`` only where every trial can fuse; else each trial runs in its own process, said in one line."""
+    from toolbox.data.splits import DatasetSplits
     from toolbox.training.fused import fusable
 
     reason = None
     if address:
         reason = "trials cannot fuse with --address (fusing needs the private local Ray: its worker holds a custom resource)"
+    elif isinstance(data, DatasetSplits):
+        reason = "trials cannot fuse (the dataset is map-style splits, read through a DataLoader per trial, not shared tensors)"
     elif sweep.trial_scheduler == "hyperband":
         reason = "trials cannot fuse (HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed)"
     for params in candidate_params(sweep.space):
-        reason = reason or fusable([sweep.trial_config(params)], spec)
+        reason = reason or fusable([sweep.trial_config(params)], data.spec)
     if reason:  # one trial that cannot fuse unfuses them all: per-trial seats would change the sweep's resources
         log.info("fuse = %d: %s; each trial runs in its own process", sweep.fuse, reason)
         sweep.fuse = 0
@@ -213,7 +216,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if any(sweep.trial_config(p)["precision"] == "bf16-mixed" for p in candidate_params(sweep.space)):
         warn_if_bf16_is_slow({"precision": "bf16-mixed"}, sweep.gpus_per_trial > 0)
     if sweep.trials_fused:
-        _fall_back_unless_fusable(sweep, data.spec, args.address)
+        _fall_back_unless_fusable(sweep, data, args.address)
     exp = args.exp
     exp_dir = exp.local
     args.lock = DirLock(exp_dir, "sweep")

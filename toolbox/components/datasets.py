@@ -1,4 +1,8 @@
-"""Datasets. ``fn(seed, /, *, <config>) -> TensorData``, registered with ``tiny=maker``.
+"""Datasets. ``fn(seed, /, *, <config>) -> TensorData | DatasetSplits``, registered with ``tiny=maker``.
+
+``TensorData`` holds every sample as tensors, shared once through Ray's object store; ``DatasetSplits``
+holds map-style ``torch.utils.data.Dataset`` splits with their own per-sample transforms, read through a
+DataLoader (``--loader-workers`` processes), and each training process builds it by calling the function.
 
 ``maker(directory) -> dict`` writes tiny test data under ``directory`` (if the dataset reads files)
 and returns the config keys that load it: the parametrized tests train every model on every

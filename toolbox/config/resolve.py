@@ -53,6 +53,12 @@ TRAINING_OPTIONS = (
     Option("augmentations", tuple[str, ...], (), "training-batch augmentations, applied in this order"),
     Option("epochs", PositiveInt, 10, "epochs to train (a resumed run stops at this epoch)"),
     Option("batch_size", PositiveInt, 128, "batch size per worker"),
+    Option(
+        "loader_workers",
+        NonNegativeInt,
+        0,
+        "DataLoader worker processes per training process, for a dataset of map-style splits (0: read in that process)",
+    ),
     Option("seed", NonNegativeInt, 0, "seed for weights, data order, dropout and sweep sampling"),
     Option(
         "precision",

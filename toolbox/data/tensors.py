@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -108,6 +109,20 @@ class TensorData:
     @property
     def spec(self) -> DataSpec:
         return DataSpec(self.sample_shape, self.target.num_outputs, self.target)
+
+    def size(self, split: str) -> int:
+        return len(getattr(self, f"{split}_y"))
+
+    def first_inputs(self, count: int) -> torch.Tensor:
+        return self.normalize(self.train_x[:count])
+
+    def batches(
+        self, split: str, order: torch.Tensor, batch_size: int, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``batch``es of ``batch_size`` samples in ``order`` (``seed`` is for data read by worker processes: none here)."""
+        order = order.to(self.train_x.device)
+        for i in range(0, len(order), batch_size):
+            yield self.batch(split, order[i : i + batch_size])
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x * scale - mean) / std`` in float32, as a multiply into a new tensor and an in-place add.

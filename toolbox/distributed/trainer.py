@@ -29,9 +29,9 @@ def train_worker(loop_config: dict) -> None:
     import torch
 
     from toolbox.config import user_code
-    from toolbox.data.tensors import TensorData
     from toolbox.distributed.cluster import quiet_ray
     from toolbox.distributed.live_metrics import LiveMetrics
+    from toolbox.training.builders import shared_data
     from toolbox.training.epochlog import format_row
     from toolbox.training.failures import fail_once
     from toolbox.training.loop import flush_denormals, train
@@ -42,7 +42,7 @@ def train_worker(loop_config: dict) -> None:
     with fail_once():
         user_code.load(loop_config["config"]["imports"])
     torch.set_num_threads(loop_config["threads"])
-    data = TensorData.from_shared(ray.get(loop_config["data"]))
+    data = shared_data(ray.get(loop_config["data"]), loop_config["config"])
     session = train_session()
     if session.rank == 0:  # one worker's epoch lines in its log, and its numbers as Ray metrics
         report, live = session.report, LiveMetrics(**loop_config["live_tags"])

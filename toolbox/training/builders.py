@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import Component, ConfigError
 from toolbox.config.resolve import KINDS, flag
+from toolbox.data.splits import BUILD_IN_EACH_PROCESS, DatasetSplits
 from toolbox.data.tensors import DataSpec, Target, TensorData
 
 if TYPE_CHECKING:
@@ -28,14 +30,20 @@ if TYPE_CHECKING:
 TARGET_WORDS = {"classes": "class labels", "real": "real-valued targets"}
 
 
-def build_dataset(config: dict) -> TensorData:
+def build_dataset(config: dict) -> TensorData | DatasetSplits:
     """The config's dataset; torch's and numpy's refusals of its values become one ConfigError."""
     try:
-        return DATASETS[config["dataset"]].build(config["seed"], config=config)
+        data = DATASETS[config["dataset"]].build(config["seed"], config=config)
+        return dataclasses.replace(data, loader_workers=config["loader_workers"]) if isinstance(data, DatasetSplits) else data
     except (ValueError, TypeError, ArithmeticError, RuntimeError, MemoryError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"dataset {config['dataset']}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def shared_data(shared: dict, config: dict) -> TensorData | DatasetSplits:
+    """The data a training process trains on: the object store's tensors, or a map-style dataset it builds itself."""
+    return build_dataset(config) if shared == BUILD_IN_EACH_PROCESS else TensorData.from_shared(shared)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -158,17 +166,18 @@ def check_augmentations(config: dict, sample_shape: tuple[int, ...]) -> None:
             )
 
 
-def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None:
+def check_against_data(config: dict, model: nn.Module, data: TensorData | DatasetSplits) -> None:
     """The model must take the dataset's samples and give one output per class or real target value."""
+    inputs = data.first_inputs(min(2, data.size("train")))
     try:
         with torch.no_grad():
-            logits = model.eval()(data.normalize(data.train_x[:2]))
+            logits = model.eval()(inputs)
     except RuntimeError as exc:
         raise ConfigError(
             f"model {config['arch']!r} does not accept {config['dataset']} samples of shape "
             f"{list(data.sample_shape)}: {str(exc).splitlines()[0]}"
         ) from None
-    if tuple(logits.shape) != (len(data.train_x[:2]), data.target.num_outputs):
+    if tuple(logits.shape) != (len(inputs), data.target.num_outputs):
         raise ConfigError(
             f"model {config['arch']!r} gives outputs of shape {list(logits.shape[1:])} per sample; "
             f"{config['dataset']} has {data.target}, which take {data.target.num_outputs}"

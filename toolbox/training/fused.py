@@ -122,6 +122,8 @@ class FusedGroup:
     Sessions must be single-process (rank 0 of 1) on one device."""
 
     def __init__(self, data: TensorData, members: Iterable[tuple[dict, Session]] = ()):
+        if not isinstance(data, TensorData):
+            raise ConfigError(f"a fused group trains on TensorData, not {type(data).__name__}")
         flush_denormals()
         self.data, self.device = data, None
         self.members: list[Member] = []  # in the stack's order
@@ -179,7 +181,7 @@ class FusedGroup:
             self.members, lambda inputs: self.model(inputs.expand(count, *inputs.shape)), self.data, self.members[0].session
         )
         epoch_seconds = time.perf_counter() - started
-        leaving, n = [], len(self.data.train_y)
+        leaving, n = [], self.data.size("train")
         for k, member in enumerate(self.members):
             # samples_per_s counts this member's samples
             row = end_epoch(member, lrs[k], loss_sums[k].item() / n, vals[k], epoch_seconds, n / train_seconds)
@@ -238,7 +240,7 @@ class FusedGroup:
 
     def _train_steps(self) -> torch.Tensor:
         """One epoch of steps for every member, each in its own data order; the members' summed train losses."""
-        members, n, batch_size = self.members, len(self.data.train_y), self._batch_size
+        members, n, batch_size = self.members, self.data.size("train"), self._batch_size
         order = torch.stack([epoch_order(m.config, m.epoch, n) for m in members]).to(self.device)
         loss_sums = torch.zeros(len(members), device=self.device)
         augmenting = any(m.augmentations for m in members)

@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.training.phases import (
     after_epoch_steps,
@@ -19,6 +20,7 @@ from toolbox.training.phases import (
     epoch_order,
     evaluate,
     flush_denormals,
+    loader_seed,
     report_epoch,
     restore,
     rng_states,
@@ -31,7 +33,7 @@ from toolbox.training.session import Session
 log = logging.getLogger("toolbox")
 
 
-def train(config: dict, data: TensorData, session: Session, resume_from: str | None = None) -> None:
+def train(config: dict, data: TensorData | DatasetSplits, session: Session, resume_from: str | None = None) -> None:
     """Train for config["epochs"], reporting one row and one checkpoint per epoch.
 
     The calling thread keeps flushing subnormal floats to zero afterwards (``flush_denormals``)."""
@@ -41,27 +43,25 @@ def train(config: dict, data: TensorData, session: Session, resume_from: str | N
         return
     model, optimizer, batch_size = run.model, run.optimizer, config["batch_size"]
     plain_model = model.module if hasattr(model, "module") else model
-    per_rank = shard_size(len(data.train_y), session.world_size)
+    per_rank = shard_size(data.size("train"), session.world_size)
     data = data.to(session.device)
 
     while run.epoch < config["epochs"]:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        shard = epoch_order(config, run.epoch, len(data.train_y), session.rank, session.world_size).to(session.device)
+        shard = epoch_order(config, run.epoch, data.size("train"), session.rank, session.world_size)
         loss_sum = torch.zeros((), device=session.device)
-        for i in range(0, per_rank, batch_size):
+        for inputs, targets in data.batches("train", shard, batch_size, loader_seed(config, run.epoch, session.rank)):
             if run.first_step_time is None:
                 run.first_step_time = time.time()
-            batch = shard[i : i + batch_size]
-            inputs, targets = data.batch("train", batch)
             inputs = augmented(run, inputs)
             with autocast(config, session):
                 outputs = model(inputs)
             loss = batch_loss(run, outputs, targets)
             take_step(loss, optimizer)
             after_step(run)
-            loss_sum += loss.detach() * len(batch)
+            loss_sum += loss.detach() * len(targets)
         after_epoch_steps(run)
         train_loss = session.all_reduce(loss_sum).item() / (per_rank * session.world_size)
         train_seconds = time.perf_counter() - started

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from toolbox.config.registry import ConfigError
+from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.training.builders import (
     build_augmentations,
@@ -113,7 +114,7 @@ def shard_size(num_samples: int, world_size: int) -> int:
 
 def setup(
     config: dict,
-    data: TensorData,
+    data: TensorData | DatasetSplits,
     session: Session,
     resume_from: str | None,
     place: Callable[[nn.Module], nn.Module],
@@ -131,7 +132,7 @@ def setup(
     criterion = build_criterion(config)
     metrics = {name: metric.to(session.device) for name, metric in build_metrics(config, data.target.num_outputs).items()}
     optimizer = build_optimizer(config, model.parameters())
-    steps_per_epoch = math.ceil(shard_size(len(data.train_y), session.world_size) / config["batch_size"])
+    steps_per_epoch = math.ceil(shard_size(data.size("train"), session.world_size) / config["batch_size"])
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
     if dropout is torch.default_generator:
         torch.manual_seed(dropout_seed(config, session.rank))  # the device's default generators too
@@ -149,7 +150,7 @@ def restore(run: Run, state: dict) -> bool:
     per_rank = state["rng"].get("per_rank", [state["rng"]["torch"]])
     if run.session.rank < len(per_rank):
         run.dropout.set_state(per_rank[run.session.rank])
-    augmentation = state["rng"].get("augmentation", [])  # none in checkpoints from before augmentations
+    augmentation = state["rng"].get("augmentation", []) if run.augmentations else []  # absent where none ran
     if run.session.rank < len(augmentation):
         try:
             run.augmentation.set_state(augmentation[run.session.rank])
@@ -186,6 +187,11 @@ def augmented(run: Run, inputs: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
+def loader_seed(config: dict, epoch: int, rank: int) -> int:
+    """The seed of a rank's data-loading worker processes in ``epoch`` (per-sample random transforms)."""
+    return (config["seed"] * 7919 + epoch) * 4096 + rank
+
+
 def batch_loss(run: Run, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The run's criterion on a batch of model outputs."""
     return run.criterion(*aligned(outputs, targets))
@@ -211,23 +217,24 @@ def after_epoch_steps(run: Run) -> None:
 
 @torch.no_grad()
 def evaluate(
-    runs: Sequence[Run], outputs: Callable[[torch.Tensor], Sequence[torch.Tensor]], data: TensorData, session: Session
+    runs: Sequence[Run],
+    outputs: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    data: TensorData | DatasetSplits,
+    session: Session,
 ) -> list[dict]:
     """Each run's val loss and metrics over the *whole* val set: each rank takes its shard, then the results are reduced.
 
     ``outputs(inputs)`` gives every run's model outputs for a batch, in the order of ``runs``."""
-    indices = torch.arange(session.rank, len(data.val_y), session.world_size, device=session.device)
+    indices = torch.arange(session.rank, data.size("val"), session.world_size)
     sums = torch.zeros(len(runs), 2, dtype=torch.float64, device=session.device)
     for run in runs:
         for metric in run.metrics.values():
             metric.reset()
-    for i in range(0, len(indices), EVAL_BATCH):
-        batch = indices[i : i + EVAL_BATCH]
-        inputs, targets = data.batch("val", batch)
+    for inputs, targets in data.batches("val", indices, EVAL_BATCH):
         for k, (run, output) in enumerate(zip(runs, outputs(inputs))):
             output, target = aligned(output, targets)
-            sums[k, 0] += run.criterion(output, target).double() * len(batch)
-            sums[k, 1] += len(batch)
+            sums[k, 0] += run.criterion(output, target).double() * len(targets)
+            sums[k, 1] += len(targets)
             for metric in run.metrics.values():
                 metric.update(output, target)
     totals = session.all_reduce(sums).tolist()
@@ -275,12 +282,13 @@ def checkpoint_state(run: Run, row: dict, weights: dict, optimizer_state: dict, 
 
 def rng_states(run: Run) -> dict:
     """Every rank's dropout and augmentation generator states, so a resumed DDP run draws what the uninterrupted one would."""
-    own = (run.dropout.get_state(), run.augmentation.get_state())
+    own = (run.dropout.get_state(), run.augmentation.get_state() if run.augmentations else None)
     per_rank = [own]
     if run.session.world_size > 1:
         per_rank = [None] * run.session.world_size
         torch.distributed.all_gather_object(per_rank, own)
-    return {"torch": own[0], "per_rank": [d for d, _ in per_rank], "augmentation": [a for _, a in per_rank]}
+    states = {"torch": own[0], "per_rank": [dropout for dropout, _ in per_rank]}
+    return states | ({"augmentation": [augmentation for _, augmentation in per_rank]} if run.augmentations else {})
 
 
 def report_epoch(session: Session, row: dict, state: dict) -> None:

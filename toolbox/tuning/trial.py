@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from toolbox.config import user_code
-from toolbox.data.tensors import TensorData
 from toolbox.distributed.live_metrics import LiveMetrics
 from toolbox.distributed.locations import Place
 from toolbox.training.checkpoint import first_whole
@@ -149,13 +148,14 @@ def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
 def _train_in_process(config: dict, sweep: Sweep, data_ref, epoch_log: EpochLog, trial: Place) -> None:
     import ray
 
+    from toolbox.training.builders import shared_data
     from toolbox.training.loop import flush_denormals, train
 
     flush_denormals()
     torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
     session, resume_from = _tune_session(sweep, epoch_log, trial)
     with fail_once(session):
-        train(config, TensorData.from_shared(ray.get(data_ref)), session, resume_from)
+        train(config, shared_data(ray.get(data_ref), config), session, resume_from)
 
 
 def _train_fused(config: dict, sweep: Sweep, epoch_log: EpochLog, trial: Place) -> None:
