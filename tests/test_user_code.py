@@ -32,8 +32,9 @@ from toolbox.components.datasets import DATASETS
 from toolbox.components.metrics import METRICS
 from toolbox.components.models import MODELS
 from toolbox.components.optimizers import OPTIMIZERS
-from toolbox.config.registry import PositiveFloat, PositiveInt
-from toolbox.data.tensors import TensorData
+from toolbox.config.registry import NonNegativeFloat, PositiveFloat, PositiveInt
+from toolbox.data.splits import DatasetSplits
+from toolbox.data.tensors import Target, TensorData
 
 
 @MODELS.register("ProjectMLP", prefix="project")
@@ -57,6 +58,31 @@ def project_teacher(seed, /, *, n_samples: PositiveInt = 256) -> TensorData:
     x = torch.randn(n_samples + 64, 6, generator=g)
     y = (x @ torch.randn(6, generator=g) > 0).long()
     return TensorData(x[:n_samples], y[:n_samples], x[n_samples:], y[n_samples:], num_classes=2)
+
+
+class Points(torch.utils.data.Dataset):
+    """The user's own map-style Dataset: each sample jittered as it is read (a per-sample transform)."""
+
+    def __init__(self, x, y, jitter):
+        self.x, self.y, self.jitter = x, y, jitter
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, index):
+        return self.x[index] + self.jitter * torch.randn(self.x[index].shape), self.y[index]
+
+
+@DATASETS.register("ProjectPoints", prefix="points")
+def project_points(seed, /, *, jitter: NonNegativeFloat = 0.1) -> DatasetSplits:
+    """ProjectTeacher's points, read one by one through a DataLoader.
+
+    Args:
+        jitter: standard deviation of the noise added to each training sample as it is read.
+    """
+    tensors = project_teacher(seed)
+    train, val = Points(tensors.train_x, tensors.train_y, jitter), Points(tensors.val_x, tensors.val_y, 0.0)
+    return DatasetSplits(train, val, Target.classes(2))
 
 
 class ErrorRate(torchmetrics.Metric):
@@ -150,9 +176,11 @@ def project(tmp_path) -> Path:
 
 
 def test_the_users_project_runs_with_two_ddp_workers_and_sweeps_and_its_best_retrains_as_printed(project, tmp_path):
+    """A DDP run on the user's own map-style Dataset, then a sweep on its tensor dataset, then its winner re-trained."""
     storage = tmp_path / "results"
-    args = ["--import", str(project / "project_components.py"), "--arch", "ProjectMLP", "--dataset", "ProjectTeacher"]
+    args = ["--import", str(project / "project_components.py"), "--arch", "ProjectMLP", "--dataset", "ProjectPoints"]
     args += ["--optimizer", "project_sgd", "--metrics", "project_error_rate", "--project-width", "8", "--workers", "2"]
+    args += ["--loader-workers", "1"]  # the user's Dataset read by a DataLoader worker process on each of the two ranks
     done = run_cli("run", *args, "--epochs", "2", "--storage", str(storage), "--name", "ddp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = read_rows(storage / "ddp")
