@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT, python_env
 
 from toolbox.bench.baselines import original_toolbox_epoch_s
@@ -41,6 +42,41 @@ def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_p
         assert math.isclose(row["ratio"], row["toolbox"] / row["baseline"]), row
         assert f"| {row['figure']} |" in done.stdout  # the markdown table carries every row
     assert "rebuilt" in next(r["note"] for r in rows if "`toolbox.run` vs the original" in r["figure"])
+
+
+def test_bench_datapath_section_reports_the_dataloader_and_augmentation_rows(tiny_mnist, tmp_path):
+    root, _ = tiny_mnist
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "toolbox.bench", "--only", "datapath", "--mnist-root", str(root), "--out", str(out)],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    figures = [row["figure"] for row in rows]
+    assert len(figures) == 3, figures
+    assert any("map-style Dataset and a DataLoader vs the same data as tensors" in f for f in figures)
+    assert any("1 worker process" in f for f in figures)
+    assert any("random_crop + horizontal_flip vs without" in f and "ConvNet" in f for f in figures)
+    for row in rows:
+        assert row["target"] == "report" and row["toolbox"] > 0 and row["baseline"] > 0, row
+        assert f"| {row['figure']} |" in done.stdout
+
+
+def test_tensor_splits_read_the_tensors_batches():
+    """Sample by sample through a DataLoader, the batches are TensorData's, normalized alike."""
+    from toolbox.components.datasets import dummy_dataset
+    from toolbox.data.splits import tensor_splits
+
+    data = dummy_dataset(0, n_samples=40, val_n_samples=8, input_shape=(1, 4, 4))
+    data.scale, data.mean, data.std = 0.5, 0.1, 2.0
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    for (x, y), (sx, sy) in zip(data.batches("train", order, 16), tensor_splits(data).batches("train", order, 16), strict=True):
+        assert torch.allclose(x, sx) and torch.equal(y, sy)
 
 
 def fake_original(checkout: Path, body: str) -> Path:

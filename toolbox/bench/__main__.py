@@ -1,8 +1,9 @@
 """``python -m toolbox.bench``: toolbox's speed as ratios against baselines measured in the same run.
 
-Sections (``--only``): data, overhead, sweep, memory, ddp, fused, and gpu (with ``--gpu``). Sweeps and runs
-go through the real CLIs in subprocesses; results are read back from their output files. Prints a
-markdown table and writes ray_results/bench/bench.json.
+Sections (``--only``): data, datapath, overhead, sweep, memory, ddp, fused, and gpu (with ``--gpu``).
+datapath times the loop's other data paths (map-style splits through a DataLoader, augmentations)
+against its tensors. Sweeps and runs go through the real CLIs in subprocesses; results are read back
+from their output files. Prints a markdown table and writes ray_results/bench/bench.json.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from toolbox.bench.baselines import (
 )
 from toolbox.config.flags import exit_with
 from toolbox.config.resolve import resolve
+from toolbox.data.splits import DatasetSplits, tensor_splits
+from toolbox.data.tensors import TensorData
 from toolbox.training.builders import build_dataset
 from toolbox.training.loop import cpu_bf16_units, train
 from toolbox.training.session import local_session
 from toolbox.tuning.sweepfile import load
 
-SECTIONS = ("data", "overhead", "sweep", "memory", "ddp", "fused")
+SECTIONS = ("data", "datapath", "overhead", "sweep", "memory", "ddp", "fused")
 MNIST_TRAIN_SAMPLES = 60_000
 # Each timed figure is the fastest of RUN_EPOCHS - 1 tries: toolbox.run's epochs after its first, and as many bare epochs.
 RUN_EPOCHS = 5
@@ -144,6 +147,13 @@ def _collecting(rows: list[dict], device: str = "cpu"):
     return local_session(lambda metrics, _checkpoint: rows.append(metrics), device)
 
 
+def loop_epoch_s(config: dict, data: TensorData | DatasetSplits, device: str = "cpu", warmup: int = 0) -> float:
+    """Seconds of the fastest training epoch (after ``warmup`` epochs) of the toolbox loop run in this process."""
+    rows: list[dict] = []
+    train(config, data, _collecting(rows, device))
+    return min(data.size("train") / row["samples_per_s"] for row in rows[warmup:])
+
+
 def bench_data(table: Table, args, out: Path) -> None:
     config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": RUN_EPOCHS})
     data = build_dataset(config)
@@ -151,9 +161,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
     plain_s = min(plain_epoch(config, data) for _ in range(RUN_EPOCHS - 1))
-    rows: list[dict] = []
-    train(config, data, _collecting(rows))
-    loop_s = min(samples / row["samples_per_s"] for row in rows)
+    loop_s = loop_epoch_s(config, data)
     table.add(
         "MNIST epoch (train), toolbox loop in process vs plain PyTorch loop, 1 thread",
         loop_s,
@@ -224,6 +232,46 @@ def bench_data(table: Table, args, out: Path) -> None:
         None,
         f"CPU bfloat16 units: {cpu_bf16_units() or 'none'}; {top1}",
     )
+
+
+def bench_datapath(table: Table, args, out: Path) -> None:
+    """The loop's epoch on MNIST's tensors against the same samples read through a DataLoader, and with augmentations."""
+    given = {"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": RUN_EPOCHS}
+    config = resolve(given)
+    data = build_dataset(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
+    tensors_s = loop_epoch_s(config, data)
+    table.add(
+        "MNIST epoch (train), read through a map-style Dataset and a DataLoader vs the same data as tensors, 1 thread",
+        loop_epoch_s(config, tensor_splits(data)),
+        tensors_s,
+        "s",
+        "report",
+        None,
+        "per-sample normalization, read in the training process",
+    )
+    table.add(
+        "MNIST epoch (train), map-style Dataset through a DataLoader with 1 worker process vs tensors, 1 thread",
+        loop_epoch_s({**config, "loader_workers": 1}, tensor_splits(data, loader_workers=1)),
+        tensors_s,
+        "s",
+        "report",
+        None,
+        f"{os.cpu_count()} CPUs shared by the worker and the training thread",
+    )
+    conv = resolve({**given, "arch": "ConvNet"})
+    augmented = resolve({**given, "arch": "ConvNet", "augmentations": ["random_crop", "horizontal_flip"]})
+    table.add(
+        "MNIST epoch (train), with augmentations random_crop + horizontal_flip vs without, tensors, ConvNet, 1 thread",
+        loop_epoch_s(augmented, data),
+        loop_epoch_s(conv, data),
+        "s",
+        "report",
+        None,
+        f"ConvNet channels {list(conv['cnn_channels'])}",
+    )
+    torch.set_num_threads(threads)
 
 
 _run_cache: dict[tuple, list[dict]] = {}
@@ -417,9 +465,7 @@ def bench_gpu(table: Table, args, out: Path) -> None:
         data = build_dataset(config)
         plain_epoch(config, data, "cuda")  # warm-up: CUDA context and kernels
         plain_s = min(plain_epoch(config, data, "cuda") for _ in range(3))
-        rows: list[dict] = []
-        train(config, data, _collecting(rows, "cuda"))
-        loop_s = min(len(data.train_y) / row["samples_per_s"] for row in rows[1:])  # best epoch after warm-up, as for plain
+        loop_s = loop_epoch_s(config, data, "cuda", warmup=1)  # best epoch after warm-up, as for plain
         table.add(
             f"GPU MNIST epoch (train), toolbox loop vs plain loop, batch {batch}",
             loop_s,

@@ -5,6 +5,7 @@ included). The order of samples is the tensor path's (``phases.epoch_order``: pe
 rank), handed to the DataLoader as its batches, so a resumed run reads what the uninterrupted one
 would; its worker processes are seeded per run, epoch and rank too. It does not travel through
 Ray's object store: each training process builds it by calling the dataset component itself.
+``tensor_splits`` reads a ``TensorData``'s tensors this way, one sample at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from toolbox.config.registry import ConfigError
-from toolbox.data.tensors import DataSpec, Target
+from toolbox.data.tensors import DataSpec, Target, TensorData
 
 BUILD_IN_EACH_PROCESS = {"build": True}  # what stands for a DatasetSplits where TensorData shares its tensors
 
@@ -84,3 +85,22 @@ class DatasetSplits:
             if self.target.kind == "real":
                 targets = targets.float()
             yield inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+class TensorSamples(Dataset):
+    """One split of a ``TensorData`` as a map-style dataset: each sample normalized on its own."""
+
+    def __init__(self, data: TensorData, split: str):
+        self.data, self.split = data, split
+
+    def __len__(self) -> int:
+        return self.data.size(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = getattr(self.data, f"{self.split}_x"), getattr(self.data, f"{self.split}_y")
+        return self.data.normalize(x[index]), y[index]
+
+
+def tensor_splits(data: TensorData, loader_workers: int = 0) -> DatasetSplits:
+    """``data``'s train and val splits read sample by sample through a DataLoader, computing what its batches do."""
+    return DatasetSplits(TensorSamples(data, "train"), TensorSamples(data, "val"), data.target, loader_workers)
