@@ -19,6 +19,7 @@ from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, 
 from toolbox.config.resolve import changed_keys, coerce, resolve
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
+from toolbox.distributed.dirkind import RUN, mark, refuse_unless, sweep_holding
 from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.trainer import Workers, torch_trainer
 from toolbox.distributed.trainer import fit as fit_interruptibly
@@ -99,6 +100,7 @@ def prepare(argv: list[str] | None) -> Plan:
     args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None
     where = place(args.storage, args.name)
+    refuse_unless(where, RUN)
     run_dir = where.local
     if where.mirror is not None:
         where.mirror.pull(run_dir, (RESOURCES_FILE, CONFIG_FILE))
@@ -220,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         plan.args.workers,
         plan.place.local,
     )
+    if plan.resume_from is not None and (sweep_dir := sweep_holding(Path(plan.resume_from))) is not None:
+        log.info(
+            "--resume: continuing with the config of sweep %s's trial %s (%s); flags given here override it",
+            sweep_dir.name,
+            Path(plan.resume_from).resolve().relative_to(sweep_dir).parts[0],
+            ", ".join(f"{key} {value}" for key, value in changed_keys(plan.state["config"]).items()),
+        )
     lock = None
     try:
         lock = DirLock(plan.place.local, "run")
+        mark(plan.place, RUN)
         result = fit(plan)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from toolbox.config import user_code
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import cluster
+from toolbox.distributed.dirkind import SWEEP, holds_nothing, kind_of, mark, refuse_unless
 from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
 from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components
@@ -93,7 +94,8 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
     args.exp = place(args.storage, sweep.name)
-    if args.restart and not _holds_a_sweep_or_nothing(args.exp):
+    refuse_unless(args.exp, SWEEP)
+    if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     if args.address:
         check_address(args.address)
@@ -111,12 +113,6 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
             gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial,
         )
     return sweep, args
-
-
-def _holds_a_sweep_or_nothing(exp: Place) -> bool:
-    entries = exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True))
-    names = {info.base_name for info in entries} - {LOCK_FILE, "ray_session.json"}  # what a start that failed leaves
-    return not names or any(n.startswith("experiment_state-") or n == "results.parquet" for n in names)
 
 
 def _empty(exp: Place) -> None:
@@ -220,6 +216,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if args.restart:
         log.info("--restart: removing what %s holds", exp.path)
         _empty(exp)
+    mark(exp, SWEEP)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
     tune_fixes.install()
