@@ -208,6 +208,7 @@ def fit(plan: Plan):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cluster.end_on_sigterm_like_ctrl_c()
     try:
         plan = prepare(argv)
     except ConfigError as exc:
@@ -238,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"toolbox.run: interrupted: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
-        return 130
+        how, code = cluster.interruption()
+        print(f"toolbox.run: {how}: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
+        return code
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
         deterministic = deterministic_cause(exc)
         why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)

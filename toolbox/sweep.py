@@ -298,12 +298,13 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         log.info("re-train it with:\n  %s", best["command"])
     if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
+        how, code = cluster.interruption()
         print(
-            f"toolbox.sweep: interrupted: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
+            f"toolbox.sweep: {how}: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
             "re-run the same command to continue",
             file=sys.stderr,
         )
-        return 130
+        return code
     errored = [r for r in rows if r["status"] == "error"]
     if errored:
         print(
@@ -321,6 +322,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cluster.end_on_sigterm_like_ctrl_c()
     args = None
     try:
         sweep, args = prepare(argv)
@@ -330,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
-        print(f"toolbox.sweep: interrupted: {kept}; re-run the same command to continue", file=sys.stderr)
-        return 130
+        how, code = cluster.interruption()
+        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
+        return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
         print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
         return 1
