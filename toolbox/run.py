@@ -23,7 +23,7 @@ from toolbox.distributed.dirkind import RUN, mark, refuse_unless, sweep_holding
 from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.trainer import Workers, torch_trainer
 from toolbox.distributed.trainer import fit as fit_interruptibly
-from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
@@ -98,7 +98,7 @@ def prepare(argv: list[str] | None) -> Plan:
     user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
     args = build_parser().parse_args(argv)
     args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
-    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    args.address = cluster.given_address(args.address)
     where = place(args.storage, args.name)
     refuse_unless(where, RUN)
     run_dir = where.local
@@ -130,6 +130,7 @@ def prepare(argv: list[str] | None) -> Plan:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
     check_against_data(config, model, data)
+    check_shards(data, args.workers, "--workers")
     warn_if_bf16_is_slow(config, args.use_gpu)
     if args.address:
         check_address(args.address)

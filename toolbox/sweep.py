@@ -28,7 +28,7 @@ from toolbox.distributed import cluster
 from toolbox.distributed.dirkind import SWEEP, holds_nothing, kind_of, mark, refuse_unless
 from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
 from toolbox.distributed.storage import delete_deferred
-from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
 from toolbox.tuning import results
@@ -85,7 +85,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if early is not None and Path(early.sweep_file).is_file():
         import_sweep_file(Path(early.sweep_file))  # likewise for the components it defines or imports
     args = build_parser().parse_args(argv)
-    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    args.address = cluster.given_address(args.address)
     overrides = {name: getattr(args, name, None) for name in FIELDS if name not in ("space", "base", "scheduler_options")}
     base_overrides = given_config(args)
     for own in ("epochs", "seed"):  # the sweep's own flags (None when not given), not base keys
@@ -201,11 +201,15 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
     from toolbox.tuning import tune_fixes
     from toolbox.tuning.progress import Progress
+    from toolbox.tuning.search import check_pbt_keeps_shapes
 
     config = sweep.trial_config({})
     data = build_dataset(config)
     check_trials(sweep, data.spec, args.sweep_file)
+    if sweep.trial_scheduler == "pbt":
+        check_pbt_keeps_shapes(sweep, data.spec, args.sweep_file)
     check_against_data(config, check_components(config, data.spec), data)
+    check_shards(data, sweep.workers_per_trial, "workers_per_trial")
     if any(sweep.trial_config(p)["precision"] == "bf16-mixed" for p in candidate_params(sweep.space)):
         warn_if_bf16_is_slow({"precision": "bf16-mixed"}, sweep.gpus_per_trial > 0)
     if sweep.trials_fused:

@@ -231,6 +231,13 @@ def stop() -> int:
     return len(left)
 
 
+def given_address(address: str | None) -> str | None:
+    """--address, else $RAY_ADDRESS; None for the private local Ray, which "local" names too (not a
+    Ray of Ray's own defaults, listening on every interface)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def add_ray_flags(group) -> None:
     """The flags that decide where Ray runs and who can see it, shared by toolbox.run and toolbox.sweep."""
     group.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")

@@ -119,6 +119,12 @@ def check_components(config: dict, spec: DataSpec, built: dict | None = None) ->
     return model
 
 
+def check_shards(data: TensorData, workers: int, flag: str) -> None:
+    """Every worker needs a training sample at least: the loop gives each an equal shard."""
+    if len(data.train_y) < workers:
+        raise ConfigError(f"{flag} {workers}: the training set has {len(data.train_y)} samples, fewer than one per worker")
+
+
 def check_against_data(config: dict, model: nn.Module, data: TensorData) -> None:
     """The model must take the dataset's samples and give one logit per class."""
     try:
