@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -20,6 +21,7 @@ from toolbox.distributed import reaper
 log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _terminated: list[int] = []  # SIGTERMs received, taken as Ctrl-C
+_own_session: list[tuple[str, bool]] = []  # the session dir of the local Ray this process started, and whether to keep it
 
 
 def end_on_sigterm_like_ctrl_c() -> None:
@@ -181,6 +183,7 @@ def start(
     )
     end_on_sigterm_like_ctrl_c()
     node = ray._private.worker._global_node
+    _own_session[:] = [(node.get_session_dir_path(), verbose)]
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     reaper.start(raylet, Path(node.get_session_dir_path()) / "logs" / "toolbox_reaper.log")
     host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "localhost") else dashboard_host
@@ -228,7 +231,22 @@ def stop() -> int:
     if left:
         log.warning("removed %d placement group(s) this job left behind", len(left))
     ray.shutdown()
+    _remove_own_session()
     return len(left)
+
+
+def _remove_own_session() -> None:
+    """The session dir (logs, about 2 MB) of the local Ray this process started goes with it; ``--verbose`` keeps it."""
+    if not _own_session:
+        return
+    session, keep = _own_session.pop()
+    if keep:
+        log.info("Ray's logs are kept in %s", session)
+        return
+    shutil.rmtree(session, ignore_errors=True)
+    latest = Path(session).parent / "session_latest"
+    if latest.is_symlink() and os.path.realpath(latest) == os.path.realpath(session):
+        latest.unlink(missing_ok=True)
 
 
 def given_address(address: str | None) -> str | None:
