@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        how, code = cluster.interruption()
+        print(f"toolbox.run: {how}: nothing had started", file=sys.stderr)
+        return code
     log.info(
         "run %s: %s on %s, %d epochs, %d worker(s) -> %s",
         plan.args.name,
