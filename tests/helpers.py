@@ -120,10 +120,11 @@ def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
     )
 
 
-def start_cli(module: str, *args: str) -> subprocess.Popen:
-    """``python -m toolbox.<module> ...`` in a session of its own, stdout and stderr as one text pipe."""
+def start_cli(module: str, *args: str, under: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``python -m toolbox.<module> ...`` in a session of its own, stdout and stderr as one text pipe;
+    ``under`` is a command it runs under, e.g. ``("timeout", "600")``."""
     return subprocess.Popen(
-        [sys.executable, "-m", f"toolbox.{module}", *args],
+        [*under, sys.executable, "-m", f"toolbox.{module}", *args],
         cwd=ROOT,
         env=python_env(),
         stdout=subprocess.PIPE,

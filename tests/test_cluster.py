@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -87,3 +89,30 @@ def test_a_run_on_the_local_ray_starts_no_process_that_only_takes_cpu_from_train
     assert "log_monitor" not in seen["processes"], seen["processes"]
     assert seen["versions"] == [{"ray": [ray.__version__, "str"], "torch": [str(torch.__version__), "str"]}], seen["versions"]
     assert not seen["state_has_torch"], "Train's state actor imported torch to read torch's version"
+
+
+VERBOSE_SESSION = """
+import json, logging, sys
+from toolbox.distributed import cluster
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+cluster.start(None, job_name="toolbox.run kept", num_cpus=1, dashboard=False, verbose=True)
+import ray
+session = ray._private.worker._global_node.get_session_dir_path()
+cluster.stop()
+print(json.dumps({"session": session}))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_verbose_keeps_the_session_dir_of_the_local_ray_and_says_where(tmp_path):
+    """Without --verbose the session dir goes when Ray ends (tests/test_runs.py checks it after a run)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", VERBOSE_SESSION], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    session = Path(json.loads(proc.stdout.strip().splitlines()[-1])["session"])
+    try:
+        assert session.is_dir() and (session / "logs").is_dir(), session
+        assert f"Ray's logs are kept in {session}" in proc.stdout, proc.stdout[-3000:]
+    finally:
+        shutil.rmtree(session, ignore_errors=True)

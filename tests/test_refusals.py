@@ -60,6 +60,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     evil.mkdir()
     torch.save(Evil(base / "pwned"), evil / "state.pt")
     (base / "a-file").write_text("not a directory")
+    (base / "loop").symlink_to(base / "loop")
+    good = base / "run" / "epoch_1"
+    for key in ("config", "model"):  # a checkpoint whose config (model) is a string
+        (base / f"{key}-is-text").mkdir()
+        state = torch.load(good / "state.pt", weights_only=True)
+        torch.save({**state, key: "text"}, base / f"{key}-is-text" / "state.pt")
     for name in ("mnist_short", "mnist_labels"):
         write_tiny_mnist(base / name)
     images = base / "mnist_short" / "MNIST" / "raw" / MNIST_FILES["train_x"]
@@ -130,6 +136,34 @@ RUN = [
     ("name-nested", lambda f: ["--name", "a/b"], "--name 'a/b' is not a name"),
     ("name-hidden", lambda f: ["--name", ".x"], "--name '.x' is not a name"),
     ("storage-is-a-file", lambda f: ["--storage", str(f["file"])], "is a file, not a directory"),
+    ("storage-empty", lambda f: ["--storage", ""], "--storage '': give a directory"),
+    ("storage-sys", lambda f: ["--storage", "/sys"], "--storage /sys: cannot write in /sys"),
+    ("storage-symlink-loop", lambda f: ["--storage", str(f["base"] / "loop")], "loop: cannot resolve it"),
+    (
+        "address-unresolvable",
+        lambda f: ["--address", "no-such-host.invalid:6379"],
+        "--address no-such-host.invalid:6379: nothing answers on no-such-host.invalid:6379",
+    ),
+    (
+        "workers-more-than-samples",
+        lambda f: ["--dummy-n-samples", "1", "--workers", "2"],
+        "--workers 2: the training set has 1 samples, fewer than one per worker",
+    ),
+    (
+        "resume-config-text",
+        lambda f: ["--resume", str(f["base"] / "config-is-text")],
+        "is not a toolbox checkpoint (its config is a str, not a dict)",
+    ),
+    (
+        "resume-model-text",
+        lambda f: ["--resume", str(f["base"] / "model-is-text")],
+        "is not a toolbox checkpoint (its model is a str, not a dict)",
+    ),
+    (
+        "mnist-root-a-file-to-download-into",
+        lambda f: ["--dataset", "MNIST", "--mnist-root", str(f["file"]), "--mnist-download"],
+        "a-file: is a file, not a directory",
+    ),
     ("address-refused", lambda f: ["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers on 127.0.0.1:1"),
     ("address-malformed", lambda f: ["--address", "host:port"], "--address 'host:port': expected HOST:PORT"),
     ("resume-foreign", lambda f: ["--resume", str(f["foreign"])], "is not a toolbox checkpoint (it has no model"),
@@ -242,6 +276,23 @@ SWEEP_FILE = [
     ),
     ("loguniform-zero", 'space = {"lr": tune.loguniform(0, 1)}', "cannot import the sweep file: ValueError"),
     ("syntax-error", 'space = {"lr": 0.1', "cannot import the sweep file: SyntaxError"),
+    ("exits-at-import", "raise SystemExit(0)", "bad.py:3: cannot import the sweep file: SystemExit"),
+    ("fuse-huge", 'space = {"lr": 0.1}\nfuse = 1000000000', "fuse must be >= 0 and <= 1024, got 1e+09"),
+    (
+        "optuna-with-pbt",
+        'space = {"lr": tune.uniform(0.01, 0.1)}\nsearch = "optuna"\ntrial_scheduler = "pbt"',
+        "search 'optuna' cannot run with trial_scheduler 'pbt'",
+    ),
+    (
+        "pbt-mutates-a-shape",
+        'space = {"ff_hidden_sizes": tune.choice([(8,), (16,)])}\ntrial_scheduler = "pbt"',
+        "pbt cannot mutate ff_hidden_sizes: checkpoints do not carry across model shapes",
+    ),
+    (
+        "workers-more-than-samples",
+        'space = {"lr": 0.1}\nbase["dummy_n_samples"] = 1\nworkers_per_trial = 2',
+        "workers_per_trial 2: the training set has 1 samples, fewer than one per worker",
+    ),
 ]
 
 
@@ -265,14 +316,40 @@ SWEEP_FLAGS = [
     ("address-refused", ["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers"),
     ("base-key-refused", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     ("too-many-cpus", ["--cpus-per-worker", "64"], "needs 64 CPUs"),
+    ("fuse-huge", ["--fuse", "1000000000"], "fuse must be >= 0 and <= 1024, got 1e+09"),
+    ("storage-empty", ["--storage", ""], "--storage '': give a directory"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "expected"), [pytest.param(a, e, id=i) for i, a, e in SWEEP_FLAGS])
 def test_sweep_flags_refused(argv, expected, tmp_path, capsys, ray_never_starts):
-    line = refused(sweep_cli.main, [SMOKE, *argv, "--storage", str(tmp_path / "out")], capsys)
+    storage = [] if "--storage" in argv else ["--storage", str(tmp_path / "out")]
+    line = refused(sweep_cli.main, [SMOKE, *argv, *storage], capsys)
     assert expected in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_pbt_may_mutate_what_keeps_the_models_shape(tmp_path, ray_never_starts):
+    """The control of pbt-mutates-a-shape: a dropout above 0 and lr change no shape, so the sweep goes on to Ray
+    (a dropout of 0 leaves the layer out, which renames the weights after it)."""
+    from conftest import RayStarted
+
+    path = tmp_path / "pbt.py"
+    path.write_text(
+        SWEEP_HEAD + 'space = {"ff_dropout": tune.choice([0.1, 0.2]), "lr": tune.uniform(0.01, 0.1)}\ntrial_scheduler = "pbt"\n'
+    )
+    with pytest.raises(RayStarted):
+        sweep_cli.main([str(path), "--storage", str(tmp_path / "out")])
+
+
+def test_address_local_is_the_private_local_ray(tmp_path, ray_never_starts):
+    """--address local starts the Ray whose servers listen on 127.0.0.1 only, as no --address does."""
+    from conftest import RayStarted
+
+    with pytest.raises(RayStarted, match=r"start\(None,"):
+        run_main(
+            [*(f"--{k.replace('_', '-')}={v}" for k, v in TINY_DUMMY.items()), "--address", "local", "--storage", str(tmp_path)]
+        )
 
 
 def test_restart_deletes_nothing_but_a_sweep_dir(tmp_path, capsys, ray_never_starts):

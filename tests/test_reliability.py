@@ -32,8 +32,8 @@ RUN += ["--batch-size", "8", "--epochs", str(EPOCHS), "--seed", "1"]
 class Cli:
     """``python -m toolbox.<module> ...`` in a session of its own, its output read line by line."""
 
-    def __init__(self, module: str, *args: str):
-        self.proc = start_cli(module, *args)
+    def __init__(self, module: str, *args: str, under: tuple[str, ...] = ()):
+        self.proc = start_cli(module, *args, under=under)
         self.lines: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 240) -> str:
@@ -309,3 +309,43 @@ def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
     assert sorted(r["status"] for r in rows) == ["done", "error"]
     assert [r["error"] for r in rows if r["status"] == "done"] == [None]
     assert [r["trial_id"] for r in rows if r["status"] == "error"][0] in cause
+
+
+def assert_no_ray_dump(out: str) -> None:
+    assert "SIGTERM received" not in out and "PC: @" not in out and "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_ends_a_run_like_ctrl_c_with_exit_143(tmp_path):
+    """Kubernetes, Slurm and `timeout` send SIGTERM: one line saying what is kept, no Ray C++ dump."""
+    cli = Cli("run", *RUN, "--storage", str(tmp_path), "--name", "termed")
+    first_epoch(cli)
+    os.kill(cli.proc.pid, signal.SIGTERM)
+    code, out = cli.finish(timeout=30)
+    assert code == 143, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("toolbox.run: terminated (SIGTERM): ") and "keeps epochs 1-" in last, out[-3000:]
+    assert "re-run the same command" in last
+    assert_no_ray_dump(out)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_through_timeout_ends_a_sweep_like_ctrl_c_writing_its_results(tmp_path):
+    """`timeout` passes the SIGTERM it gets on to the sweep (and its process group): the table,
+    results and best.json are written as on Ctrl-C, and the exit code is 143."""
+    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 12000\n')
+    cli = Cli("sweep", str(path), "--storage", str(tmp_path), under=("timeout", "-s", "TERM", "600"))
+    exp_dir = tmp_path / "faults"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(1 in logged_epochs(d) for d in trial_dirs(exp_dir) if (d / "training.log").exists()):
+        time.sleep(0.2)
+    os.kill(cli.proc.pid, signal.SIGTERM)  # to `timeout`, which sends it on
+    code, out = cli.finish(timeout=30)
+    assert code == 143, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("toolbox.sweep: terminated (SIGTERM): ") and "re-run the same command" in last, out[-3000:]
+    assert_no_ray_dump(out)
+    assert re.search(r"^rank +trial ", out, re.MULTILINE), out[-3000:]  # the table
+    assert {"results.csv", "results.parquet", "best.json"} <= {p.name for p in exp_dir.iterdir()}
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"interrupted", "done"}, rows

@@ -144,6 +144,8 @@ def test_mnist_run_on_tiny_idx_files(tiny_mnist, tmp_path):
     assert loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
     assert top1 == pytest.approx(rows[-1]["val_top_1_accuracy"])
     assert math.isclose(top1 * 32 / 100, round(top1 * 32 / 100))  # a whole number of the 32 val images
+    session = Path(json.loads((run_dir / "ray_session.json").read_text())["session_dir"])
+    assert session.name.startswith("session_") and not session.exists(), "the Ray the run started left its session dir"
 
 
 # Scheduler state that does not depend on the total epochs, and dropout for the RNG state.

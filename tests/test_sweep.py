@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,15 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space,
     # snapshot may be started again (one at a time here); it finds its final checkpoint and only
     # reports it. Every other finished trial is not started at all.
     assert sum(starts[d] > 1 for d in done_before) <= 1, starts
+    # The re-run counts on from the trials that had finished, and a trial's line shows the best of its
+    # whole history (a resumed trial's epochs before the kill too), as the table does.
+    lines = [line for line in proc.stdout.splitlines() if re.match(r"\[\d+/6\] trial ", line)]
+    numbers = [int(re.match(r"\[(\d+)/", line).group(1)) for line in lines]
+    assert numbers == list(range(7 - len(numbers), 7)) and numbers[0] > 1, proc.stdout[-3000:]
+    best = {r["trial_id"]: r["val_top_1_accuracy"] for r in rows}
+    for line in lines:
+        trial_id, shown = re.search(r"trial (\S+) .* best val_top_1_accuracy (\S+) ", line).groups()
+        assert shown == f"{best[trial_id]:.4f}", (line, best[trial_id])
 
 
 def trained_epochs(trial_dir: Path) -> int:

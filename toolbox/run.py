@@ -20,10 +20,11 @@ from toolbox.config.resolve import changed_keys, coerce, resolve
 from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.distributed import cluster
+from toolbox.distributed.dirkind import RUN, mark, refuse_unless, sweep_holding
 from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.trainer import Workers, torch_trainer
 from toolbox.distributed.trainer import fit as fit_interruptibly
-from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.checkpoint import STATE_FILE, load_latest
 from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
@@ -98,8 +99,9 @@ def prepare(argv: list[str] | None) -> Plan:
     user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
     args = build_parser().parse_args(argv)
     args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
-    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    args.address = cluster.given_address(args.address)
     where = place(args.storage, args.name)
+    refuse_unless(where, RUN)
     run_dir = where.local
     if where.mirror is not None:
         where.mirror.pull(run_dir, (RESOURCES_FILE, CONFIG_FILE))
@@ -129,6 +131,7 @@ def prepare(argv: list[str] | None) -> Plan:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
     check_against_data(config, model, data)
+    check_shards(data, args.workers, "--workers")
     warn_if_bf16_is_slow(config, args.use_gpu)
     if args.address:
         check_address(args.address)
@@ -207,11 +210,16 @@ def fit(plan: Plan):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cluster.end_on_sigterm_like_ctrl_c()
     try:
         plan = prepare(argv)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        how, code = cluster.interruption()
+        print(f"toolbox.run: {how}: nothing had started", file=sys.stderr)
+        return code
     log.info(
         "run %s: %s on %s, %d epochs, %d worker(s) -> %s",
         plan.args.name,
@@ -221,16 +229,25 @@ def main(argv: list[str] | None = None) -> int:
         plan.args.workers,
         plan.place.local,
     )
+    if plan.resume_from is not None and (sweep_dir := sweep_holding(Path(plan.resume_from))) is not None:
+        log.info(
+            "--resume: continuing with the config of sweep %s's trial %s (%s); flags given here override it",
+            sweep_dir.name,
+            Path(plan.resume_from).resolve().relative_to(sweep_dir).parts[0],
+            ", ".join(f"{key} {value}" for key, value in changed_keys(plan.state["config"]).items()),
+        )
     lock = None
     try:
         lock = DirLock(plan.place.local, "run")
+        mark(plan.place, RUN)
         result = fit(plan)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"toolbox.run: interrupted: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
-        return 130
+        how, code = cluster.interruption()
+        print(f"toolbox.run: {how}: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
+        return code
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
         deterministic = deterministic_cause(exc)
         why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)

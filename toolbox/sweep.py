@@ -25,9 +25,10 @@ from toolbox.config import user_code
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import cluster
+from toolbox.distributed.dirkind import SWEEP, holds_nothing, kind_of, mark, refuse_unless
 from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
 from toolbox.distributed.storage import delete_deferred
-from toolbox.training.builders import build_dataset, check_against_data, check_components
+from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
 from toolbox.tuning import results
@@ -84,7 +85,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if early is not None and Path(early.sweep_file).is_file():
         import_sweep_file(Path(early.sweep_file))  # likewise for the components it defines or imports
     args = build_parser().parse_args(argv)
-    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    args.address = cluster.given_address(args.address)
     overrides = {name: getattr(args, name, None) for name in FIELDS if name not in ("space", "base", "scheduler_options")}
     base_overrides = given_config(args)
     for own in ("epochs", "seed"):  # the sweep's own flags (None when not given), not base keys
@@ -93,7 +94,8 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
         base_overrides["seed"] = args.seed
     sweep = load(args.sweep_file, overrides, base_overrides)
     args.exp = place(args.storage, sweep.name)
-    if args.restart and not _holds_a_sweep_or_nothing(args.exp):
+    refuse_unless(args.exp, SWEEP)
+    if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     if args.address:
         check_address(args.address)
@@ -111,12 +113,6 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
             gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial,
         )
     return sweep, args
-
-
-def _holds_a_sweep_or_nothing(exp: Place) -> bool:
-    entries = exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True))
-    names = {info.base_name for info in entries} - {LOCK_FILE, "ray_session.json"}  # what a start that failed leaves
-    return not names or any(n.startswith("experiment_state-") or n == "results.parquet" for n in names)
 
 
 def _empty(exp: Place) -> None:
@@ -208,11 +204,15 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
     from toolbox.tuning import tune_fixes
     from toolbox.tuning.progress import Progress
+    from toolbox.tuning.search import check_pbt_keeps_shapes
 
     config = sweep.trial_config({})
     data = build_dataset(config)
     check_trials(sweep, data.spec, args.sweep_file)
+    if sweep.trial_scheduler == "pbt":
+        check_pbt_keeps_shapes(sweep, data.spec, args.sweep_file)
     check_against_data(config, check_components(config, data.spec), data)
+    check_shards(data, sweep.workers_per_trial, "workers_per_trial")
     if any(sweep.trial_config(p)["precision"] == "bf16-mixed" for p in candidate_params(sweep.space)):
         warn_if_bf16_is_slow({"precision": "bf16-mixed"}, sweep.gpus_per_trial > 0)
     if sweep.trials_fused:
@@ -223,6 +223,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if args.restart:
         log.info("--restart: removing what %s holds", exp.path)
         _empty(exp)
+    mark(exp, SWEEP)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
     tune_fixes.install()
@@ -304,12 +305,13 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         log.info("re-train it with:\n  %s", best["command"])
     if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
+        how, code = cluster.interruption()
         print(
-            f"toolbox.sweep: interrupted: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
+            f"toolbox.sweep: {how}: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
             "re-run the same command to continue",
             file=sys.stderr,
         )
-        return 130
+        return code
     errored = [r for r in rows if r["status"] == "error"]
     if errored:
         print(
@@ -327,6 +329,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cluster.end_on_sigterm_like_ctrl_c()
     args = None
     try:
         sweep, args = prepare(argv)
@@ -336,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
-        print(f"toolbox.sweep: interrupted: {kept}; re-run the same command to continue", file=sys.stderr)
-        return 130
+        how, code = cluster.interruption()
+        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
+        return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
         print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
         return 1

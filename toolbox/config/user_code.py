@@ -82,7 +82,7 @@ def load_entry_points() -> None:
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry.load()
-        except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line
             raise ConfigError(
                 f"{_where(exc, entry.value)}: entry point {entry.name!r} ({ENTRY_POINT_GROUP}) failed to import: {_why(exc)}"
             ) from None
@@ -122,7 +122,7 @@ def import_file(path: Path, module_name: str | None = None, failing: str = "") -
     before = Registry.registrations
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line naming the file and line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line naming the file and line
         sys.modules.pop(name, None)
         raise ConfigError(f"{_where(exc, str(path))}: {failing or f'cannot import {path.name}'}: {_why(exc)}") from None
     if Registry.registrations > before:
@@ -139,7 +139,7 @@ def registers(path: Path) -> bool:
 def _import_module(name: str, shown: str) -> ModuleType:
     try:
         return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - any error in user code becomes one line naming the file and line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line naming the file and line
         raise ConfigError(f"{_where(exc, shown)}: cannot import {name}: {_why(exc)}") from None
 
 

@@ -41,8 +41,13 @@ def md5(path: Path) -> str:
 
 def ensure_mnist(root: str | Path, download: bool) -> None:
     """Make sure ROOT/MNIST/raw holds the four IDX files, downloading them if allowed."""
-    if not missing_files(root):
-        return
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"--mnist-root {root}: is a file, not a directory")
+    try:
+        if not missing_files(root):
+            return
+    except OSError as exc:  # a dir without read permission
+        raise ConfigError(f"--mnist-root {root}: cannot read {raw_dir(root)} ({exc.strerror or exc})") from None
     if not download:
         raise ConfigError(
             f"MNIST files missing under {raw_dir(root)} ({', '.join(missing_files(root))}); "

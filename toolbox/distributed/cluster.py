@@ -7,7 +7,10 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,28 @@ from toolbox.distributed import reaper
 
 log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_terminated: list[int] = []  # SIGTERMs received, taken as Ctrl-C
+_own_session: list[tuple[str, bool]] = []  # the session dir of the local Ray this process started, and whether to keep it
+
+
+def end_on_sigterm_like_ctrl_c() -> None:
+    """Take SIGTERM (from Kubernetes, Slurm, ``timeout``) the way Ctrl-C is taken, remembering it for the exit code.
+
+    ``ray.init`` replaces the handler: Ray's driver then dies on SIGTERM with a C++ stack dump and
+    exit code 134; so this is called again once Ray is up (a Python handler replaces Ray's C++ one
+    for this signal only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    _terminated.append(signum)
+    os.kill(os.getpid(), signal.SIGINT)  # the path Ctrl-C takes: Train's and Tune's own handlers, or KeyboardInterrupt
+
+
+def interruption() -> tuple[str, int]:
+    """How an interrupted command names its end, and its exit code: 143 after SIGTERM, 130 after Ctrl-C."""
+    return ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _terminated else ("interrupted", 128 + signal.SIGINT)
 
 
 def free_port() -> int:
@@ -50,9 +75,26 @@ def _set_up_local_ray(log_monitor: bool) -> None:
     Ray binds GCS, the raylet, workers and the dashboard agent to loopback only when the node's IP
     is loopback, which on Linux it allows only in its single-machine mode (the switch below, read
     by Ray at call time and by the processes it starts). Three ports are fixed defaults in Ray; a
-    second Ray on the host holding them disables the log views, so they are picked free here."""
+    second Ray on the host holding them disables the log views, so they are picked free here.
+
+    Its processes start in process groups of their own: a signal to the driver's group (``timeout``
+    sends its SIGTERM there) would otherwise kill the raylet under the driver, which then waits
+    forever on it while ending the sweep."""
     import ray._private.parameter
     import ray._private.ray_constants
+    import ray._private.services
+
+    popen = ray._private.services.ConsolePopen
+    if not getattr(popen, "toolbox_own_group", False):
+
+        class ConsolePopen(popen):
+            toolbox_own_group = True
+
+            def __init__(self, *args, **kwargs):
+                kwargs.setdefault("process_group", 0)
+                super().__init__(*args, **kwargs)
+
+        ray._private.services.ConsolePopen = ConsolePopen
 
     os.environ[ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
@@ -114,6 +156,7 @@ def start(
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
+        end_on_sigterm_like_ctrl_c()
         return None
     dashboard = dashboard and dashboard_available()
     port = free_port()
@@ -138,7 +181,9 @@ def start(
         # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
         _system_config={"event_stats": False},
     )
+    end_on_sigterm_like_ctrl_c()
     node = ray._private.worker._global_node
+    _own_session[:] = [(node.get_session_dir_path(), verbose)]
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     reaper.start(raylet, Path(node.get_session_dir_path()) / "logs" / "toolbox_reaper.log")
     host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "localhost") else dashboard_host
@@ -186,7 +231,29 @@ def stop() -> int:
     if left:
         log.warning("removed %d placement group(s) this job left behind", len(left))
     ray.shutdown()
+    _remove_own_session()
     return len(left)
+
+
+def _remove_own_session() -> None:
+    """The session dir (logs, about 2 MB) of the local Ray this process started goes with it; ``--verbose`` keeps it."""
+    if not _own_session:
+        return
+    session, keep = _own_session.pop()
+    if keep:
+        log.info("Ray's logs are kept in %s", session)
+        return
+    shutil.rmtree(session, ignore_errors=True)
+    latest = Path(session).parent / "session_latest"
+    if latest.is_symlink() and os.path.realpath(latest) == os.path.realpath(session):
+        latest.unlink(missing_ok=True)
+
+
+def given_address(address: str | None) -> str | None:
+    """--address, else $RAY_ADDRESS; None for the private local Ray, which "local" names too (not a
+    Ray of Ray's own defaults, listening on every interface)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 def add_ray_flags(group) -> None:

@@ -38,8 +38,13 @@ def is_uri(storage: str) -> bool:
 
 
 def local_dir(storage: str, name: str) -> Path:
-    """STORAGE/NAME on a local (or mounted) filesystem, checked to be a directory inside STORAGE."""
-    root = Path(storage).expanduser().resolve()
+    """STORAGE/NAME on a local (or mounted) filesystem, checked to be a writable directory inside STORAGE."""
+    if not str(storage).strip():
+        raise ConfigError("--storage '': give a directory (the default is ./ray_results) or a URI")
+    try:
+        root = Path(storage).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ConfigError(f"--storage {storage}: cannot resolve it ({exc})") from None
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--storage {storage}: is a file, not a directory")
     path = root / check_name(name)
@@ -47,7 +52,23 @@ def local_dir(storage: str, name: str) -> Path:
         raise ConfigError(f"--name {name!r} leaves --storage {storage}")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a run directory")
+    _check_writable(path, storage)
     return path
+
+
+def _check_writable(path: Path, storage: str) -> None:
+    """Write and remove a file in ``path`` or its nearest existing parent: a read-only mount, a dir
+    without permission or /sys fails here, not in Ray's first checkpoint."""
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as exc:
+        raise ConfigError(f"--storage {storage}: cannot reach {path} ({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".toolbox-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--storage {storage}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 class DirLock:

@@ -166,6 +166,12 @@ def check_augmentations(config: dict, sample_shape: tuple[int, ...]) -> None:
             )
 
 
+def check_shards(data: TensorData | DatasetSplits, workers: int, flag: str) -> None:
+    """Every worker needs a training sample at least: the loop gives each an equal shard."""
+    if data.size("train") < workers:
+        raise ConfigError(f"{flag} {workers}: the training set has {data.size('train')} samples, fewer than one per worker")
+
+
 def check_against_data(config: dict, model: nn.Module, data: TensorData | DatasetSplits) -> None:
     """The model must take the dataset's samples and give one output per class or real target value."""
     inputs = data.first_inputs(min(2, data.size("train")))

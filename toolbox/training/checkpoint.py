@@ -46,6 +46,11 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     missing = [key for key in REQUIRED if not isinstance(state, dict) or key not in state]
     if missing:
         raise ConfigError(f"--resume: {path} is not a toolbox checkpoint (it has no {', '.join(missing)})")
+    for key in ("model", "config"):
+        if not isinstance(state[key], dict):
+            raise ConfigError(
+                f"--resume: {path} is not a toolbox checkpoint (its {key} is a {type(state[key]).__name__}, not a dict)"
+            )
     return state
 
 

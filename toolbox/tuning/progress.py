@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from ray import tune
 
+from toolbox.training.epochlog import read_rows
+from toolbox.tuning.results import best_value
 from toolbox.tuning.sweepfile import Sweep
 
 log = logging.getLogger("toolbox")
@@ -19,13 +22,17 @@ class Progress(tune.Callback):
         self.sweep = sweep
         self.best: dict[str, float] = {}
         self.epochs: dict[str, int] = {}
-        self.done = 0
+        self.done: int | None = None  # trials finished, counted from a re-run's first step
         self.started: dict[str, float] = {}
         self.startup_s: dict[str, float] = {}  # Tune starting the trial -> its first training step
         self.last_status = time.time()
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.sweep.mode == "max" else a < b)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.done is None:  # a re-run restores the trials that finished before it
+            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
@@ -45,7 +52,7 @@ class Progress(tune.Callback):
             top = (max if self.sweep.mode == "max" else min)(overall) if overall else float("nan")
             log.info(
                 "... %d/%d trials finished, %d running, best %s so far %.4f",
-                self.done,
+                self.done or 0,
                 self.sweep.total_trials,
                 running,
                 self.sweep.metric,
@@ -62,10 +69,12 @@ class Progress(tune.Callback):
         log.info("trial %s died (%d so far); retrying it from its latest checkpoint", trial.trial_id, trial.num_failures)
 
     def _line(self, trial, what: str) -> None:
-        self.done += 1
+        self.done = (self.done or 0) + 1
         config = self.sweep.shown_config(trial.config)
         swept = ", ".join(f"{k}={_short(config[k])}" for k in self.sweep.space if k in config)
-        best = self.best.get(trial.trial_id)
+        history = read_rows(trial.path, trial.storage.storage_filesystem) if trial.path else []
+        best = best_value(history, self.sweep)  # over every run of the trial, as the table has it
+        best = self.best.get(trial.trial_id) if math.isnan(best) else best
         log.info(
             "[%d/%d] trial %s %s after %d epochs: best %s %s | %s",
             self.done,

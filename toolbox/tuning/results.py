@@ -30,11 +30,10 @@ def trial_rows(
 
     ``states`` is each trial's Tune status and failure count; a trial still running or pending
     when the sweep ended is "interrupted"."""
-    better = max if sweep.mode == "max" else min
     rows = []
     for result in result_grid:
         history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
-        values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
+        best = best_value(history, sweep)
         epochs = int(history[-1]["epoch"]) if history else 0
         config = sweep.shown_config(result.config or {})
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
@@ -54,8 +53,8 @@ def trial_rows(
                 "retries": failures - 1 if outcome == "error" else failures,
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
                 **{key: _plain(config.get(key)) for key in swept_keys(sweep)},
-                sweep.metric: better(values) if values else math.nan,
-                "best_epoch": int(history[values.index(better(values))]["epoch"]) if values else 0,
+                sweep.metric: best,
+                "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
                 "epochs": epochs,
                 "time_s": round(sum(row["epoch_s"] for row in history), 1),
                 "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
@@ -69,6 +68,12 @@ def trial_rows(
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r[sweep.metric]), sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0))
     return rows
+
+
+def best_value(history: list[dict], sweep: Sweep) -> float:
+    """The best of a trial's epochs (its whole history, over every run of the sweep) by the sweep's metric; nan if none."""
+    values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
+    return (max if sweep.mode == "max" else min)(values) if values else math.nan
 
 
 def trial_states(exp) -> dict[str, tuple[str, int]]:

@@ -6,7 +6,9 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from toolbox.tuning.sweepfile import Sweep
+from toolbox.config.registry import ConfigError
+from toolbox.data.tensors import DataSpec
+from toolbox.tuning.sweepfile import Sweep, candidate_params
 
 
 def search_algorithm(sweep: Sweep, max_concurrent: int):
@@ -49,3 +51,28 @@ def _mutation(value):
         nested = {k: _mutation(v) for k, v in value.items()}
         return {k: v for k, v in nested.items() if v is not None} or None
     return value if isinstance(value, Domain) else None
+
+
+def check_pbt_keeps_shapes(sweep: Sweep, spec: DataSpec, where: str) -> None:
+    """PBT loads one trial's checkpoint into another's config: a key whose values build other model
+    shapes (``ff_hidden_sizes``, ``arch``) would fail every exploit."""
+    from toolbox.training.builders import check_components
+
+    built: dict = {}
+
+    def shapes(params):
+        try:
+            model = check_components(sweep.trial_config(params), spec, built)
+        except ConfigError:  # a mix of values no trial draws together
+            return None
+        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    candidates = candidate_params(sweep.space)
+    first = candidates[0]
+    for key in first:
+        for params in candidates:
+            if params[key] != first[key] and shapes({**first, key: params[key]}) not in (None, shapes(first)):
+                raise ConfigError(
+                    f"{where}: pbt cannot mutate {key}: checkpoints do not carry across model shapes "
+                    f"({key}={params[key]!r} builds another model than {key}={first[key]!r}); fix it in base, or sweep it without pbt"
+                )

@@ -67,6 +67,8 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
     "fifo": {},
 }
 
+MAX_FUSE = 1024
+
 
 @dataclass
 class Sweep:
@@ -87,7 +89,8 @@ class Sweep:
     gpus_per_trial: NonNegativeFloat = 0.0
     max_concurrent: NonNegativeInt = 0  # 0: as many as the resources allow
     max_failures: NonNegativeInt = 2  # retries of a trial whose process dies, each from its own checkpoint
-    fuse: NonNegativeInt = 0  # train up to this many one-worker trials as one stacked model per device (0, 1: off)
+    # Train up to this many one-worker trials as one stacked model per device (0, 1: off); far fewer fit a device.
+    fuse: Annotated[int, Range(ge=0, le=MAX_FUSE)] = 0
     # One-worker trials run the loop in the trial's own process, with no worker group to start.
     # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
@@ -287,6 +290,8 @@ def _check_fields(sweep: Sweep, where: str) -> None:
     if sweep.trial_scheduler == "pbt" and not sweep.trials_in_process:
         raise ConfigError(f"{where}: pbt needs in-process trials (workers_per_trial = 1): it swaps trial checkpoints")
     if sweep.search == "optuna":
+        if sweep.trial_scheduler == "pbt":
+            raise ConfigError(f"{where}: search 'optuna' cannot run with trial_scheduler 'pbt', which picks the configs itself")
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError(f"{where}: search 'optuna' needs optuna: pip install 'toolbox[optuna]'")
         if any(_is_grid(v) for v in sweep.space.values()):
