@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -35,8 +37,27 @@ def end_on_sigterm_like_ctrl_c() -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    """The path Ctrl-C takes: Train's or Tune's own SIGINT handler, else KeyboardInterrupt (also where SIGINT is
+    ignored, as in a job that a shell started in the background)."""
     _terminated.append(signum)
-    os.kill(os.getpid(), signal.SIGINT)  # the path Ctrl-C takes: Train's and Tune's own handlers, or KeyboardInterrupt
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+@contextlib.contextmanager
+def _taking_sigterm_in_ray_init():
+    """While ``ray.init`` runs, SIGTERM meets Ray's own handler, ``sys.exit(15)``: end as Ctrl-C would instead."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        _terminated.append(signal.SIGTERM)
+        raise KeyboardInterrupt from None
+    finally:
+        end_on_sigterm_like_ctrl_c()
 
 
 def interruption() -> tuple[str, int]:
@@ -147,16 +168,16 @@ def start(
             os.environ["RAY_AUTH_MODE"] = "token"
             ray._raylet.Config.initialize("")
         try:
-            ray.init(
-                address=address,
-                job_config=job_config,
-                log_to_driver=verbose,
-                logging_level=logging.WARNING if verbose else logging.ERROR,
-                runtime_env=_cluster_runtime_env(),
-            )
+            with _taking_sigterm_in_ray_init():
+                ray.init(
+                    address=address,
+                    job_config=job_config,
+                    log_to_driver=verbose,
+                    logging_level=logging.WARNING if verbose else logging.ERROR,
+                    runtime_env=_cluster_runtime_env(),
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
-        end_on_sigterm_like_ctrl_c()
         return None
     dashboard = dashboard and dashboard_available()
     port = free_port()
@@ -165,23 +186,23 @@ def start(
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine has no node to be preempted
     _set_up_local_ray(log_monitor=verbose)
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=dashboard,
-        dashboard_host=dashboard_host,
-        dashboard_port=port,
-        job_config=job_config,
-        log_to_driver=verbose,
-        logging_level=logging.WARNING if verbose else logging.ERROR,
-        configure_logging=True,
-        resources=extra_resources or None,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
-        _system_config={"event_stats": False},
-    )
-    end_on_sigterm_like_ctrl_c()
+    with _taking_sigterm_in_ray_init():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=dashboard,
+            dashboard_host=dashboard_host,
+            dashboard_port=port,
+            job_config=job_config,
+            log_to_driver=verbose,
+            logging_level=logging.WARNING if verbose else logging.ERROR,
+            configure_logging=True,
+            resources=extra_resources or None,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
+            _system_config={"event_stats": False},
+        )
     node = ray._private.worker._global_node
     _own_session[:] = [(node.get_session_dir_path(), verbose)]
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -218,9 +239,8 @@ def describe_session(directory: Path, url: str | None) -> None:
 
 def stop() -> int:
     """Remove the placement groups this driver's job left behind, then shut Ray down; returns how many there were."""
-    import ray
-
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # None where ray was never imported, or its import was interrupted: no Ray started
+    if ray is None or not ray.is_initialized():
         return 0
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
