@@ -3,66 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 from toolbox.config import user_code
 from toolbox.config.registry import ConfigError
-from toolbox.distributed import reaper
+from toolbox.distributed import reaper, signals
 
 log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_terminated: list[int] = []  # SIGTERMs received, taken as Ctrl-C
 _own_session: list[tuple[str, bool]] = []  # the session dir of the local Ray this process started, and whether to keep it
-
-
-def end_on_sigterm_like_ctrl_c() -> None:
-    """Take SIGTERM (from Kubernetes, Slurm, ``timeout``) the way Ctrl-C is taken, remembering it for the exit code.
-
-    ``ray.init`` replaces the handler: Ray's driver then dies on SIGTERM with a C++ stack dump and
-    exit code 134; so this is called again once Ray is up (a Python handler replaces Ray's C++ one
-    for this signal only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum, frame) -> None:
-    """The path Ctrl-C takes: Train's or Tune's own SIGINT handler, else KeyboardInterrupt (also where SIGINT is
-    ignored, as in a job that a shell started in the background)."""
-    _terminated.append(signum)
-    handler = signal.getsignal(signal.SIGINT)
-    if not callable(handler):
-        raise KeyboardInterrupt
-    handler(signal.SIGINT, frame)
-
-
-@contextlib.contextmanager
-def _taking_sigterm_in_ray_init():
-    """While ``ray.init`` runs, SIGTERM meets Ray's own handler, ``sys.exit(15)``: end as Ctrl-C would instead."""
-    try:
-        yield
-    except SystemExit as exc:
-        if exc.code != signal.SIGTERM:
-            raise
-        _terminated.append(signal.SIGTERM)
-        raise KeyboardInterrupt from None
-    finally:
-        end_on_sigterm_like_ctrl_c()
-
-
-def interruption() -> tuple[str, int]:
-    """How an interrupted command names its end, and its exit code: 143 after SIGTERM, 130 after Ctrl-C."""
-    return ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _terminated else ("interrupted", 128 + signal.SIGINT)
 
 
 def free_port() -> int:
@@ -168,7 +125,7 @@ def start(
             os.environ["RAY_AUTH_MODE"] = "token"
             ray._raylet.Config.initialize("")
         try:
-            with _taking_sigterm_in_ray_init():
+            with signals.taking_sigterm_in_ray_init():
                 ray.init(
                     address=address,
                     job_config=job_config,
@@ -186,7 +143,7 @@ def start(
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine has no node to be preempted
     _set_up_local_ray(log_monitor=verbose)
-    with _taking_sigterm_in_ray_init():
+    with signals.taking_sigterm_in_ray_init():
         ray.init(
             address="local",
             num_cpus=num_cpus,
