@@ -49,7 +49,8 @@ def test_a_sweep_refuses_a_run_dir_and_a_run_refuses_a_sweep_dir_touching_nothin
     # A sweep dir as Tune leaves it (no marker), holding a trial's checkpoint: the run refuses it.
     sweep_dir = tmp_path / "swept"
     trial_checkpoint = sweep_dir / "run_trial_00000" / "checkpoint_000000"
-    shutil.copytree(next(run_dir.glob("checkpoint_*")), trial_checkpoint)
+    checkpoint = next(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # not Train's checkpoint_manager_snapshot.json
+    shutil.copytree(checkpoint, trial_checkpoint)
     (sweep_dir / "experiment_state-2026-12-07_01-00-00.json").write_text("{}")
     line = refused(run_main, [*RUN, "--storage", str(tmp_path), "--name", "swept"], capsys)
     assert f"{sweep_dir} holds a sweep (written by toolbox.sweep), not a run" in line, line

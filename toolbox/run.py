@@ -19,7 +19,7 @@ from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, 
 from toolbox.config.resolve import changed_keys, coerce, resolve
 from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
-from toolbox.distributed import cluster
+from toolbox.distributed import cluster, signals
 from toolbox.distributed.dirkind import RUN, mark, refuse_unless, sweep_holding
 from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.trainer import Workers, torch_trainer
@@ -210,14 +210,14 @@ def fit(plan: Plan):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    cluster.end_on_sigterm_like_ctrl_c()
+    signals.end_on_sigterm_like_ctrl_c()
     try:
         plan = prepare(argv)
     except ConfigError as exc:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        how, code = cluster.interruption()
+        how, code = signals.interruption()
         print(f"toolbox.run: {how}: nothing had started", file=sys.stderr)
         return code
     log.info(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        how, code = cluster.interruption()
+        how, code = signals.interruption()
         print(f"toolbox.run: {how}: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
         return code
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line

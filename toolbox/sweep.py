@@ -13,20 +13,17 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow.fs
-
 from toolbox.config import user_code
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
 from toolbox.config.registry import ConfigError
-from toolbox.distributed import cluster
-from toolbox.distributed.dirkind import SWEEP, holds_nothing, kind_of, mark, refuse_unless
-from toolbox.distributed.locations import LOCK_FILE, DirLock, Place, check_address, place
+from toolbox.distributed import cluster, signals
+from toolbox.distributed.dirkind import SWEEP, empty, holds_nothing, kind_of, mark, refuse_unless
+from toolbox.distributed.locations import DirLock, Place, check_address, place
 from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
@@ -113,18 +110,6 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
             gpus_per_worker=sweep.gpus_per_trial / sweep.workers_per_trial,
         )
     return sweep, args
-
-
-def _empty(exp: Place) -> None:
-    """Delete what the sweep dir holds (and its local staging copy), but the lock."""
-    for info in exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True)):
-        if info.base_name == LOCK_FILE:
-            continue
-        exp.fs.delete_dir(info.path) if info.type == pyarrow.fs.FileType.Directory else exp.fs.delete_file(info.path)
-    if exp.remote and exp.local.exists():
-        for entry in exp.local.iterdir():
-            if entry.name != LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _fall_back_unless_fusable(sweep: Sweep, data, address: str | None) -> None:
@@ -222,7 +207,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     args.lock = DirLock(exp_dir, "sweep")
     if args.restart:
         log.info("--restart: removing what %s holds", exp.path)
-        _empty(exp)
+        empty(exp)
     mark(exp, SWEEP)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
@@ -305,7 +290,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         log.info("re-train it with:\n  %s", best["command"])
     if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
-        how, code = cluster.interruption()
+        how, code = signals.interruption()
         print(
             f"toolbox.sweep: {how}: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
             "re-run the same command to continue",
@@ -329,7 +314,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    cluster.end_on_sigterm_like_ctrl_c()
+    signals.end_on_sigterm_like_ctrl_c()
     args = None
     try:
         sweep, args = prepare(argv)
@@ -339,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
-        how, code = cluster.interruption()
+        how, code = signals.interruption()
         print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
         return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback

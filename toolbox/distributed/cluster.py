@@ -8,40 +8,18 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
-import threading
+import sys
 import warnings
 from pathlib import Path
 
 from toolbox.config import user_code
 from toolbox.config.registry import ConfigError
-from toolbox.distributed import reaper
+from toolbox.distributed import reaper, signals
 
 log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_terminated: list[int] = []  # SIGTERMs received, taken as Ctrl-C
 _own_session: list[tuple[str, bool]] = []  # the session dir of the local Ray this process started, and whether to keep it
-
-
-def end_on_sigterm_like_ctrl_c() -> None:
-    """Take SIGTERM (from Kubernetes, Slurm, ``timeout``) the way Ctrl-C is taken, remembering it for the exit code.
-
-    ``ray.init`` replaces the handler: Ray's driver then dies on SIGTERM with a C++ stack dump and
-    exit code 134; so this is called again once Ray is up (a Python handler replaces Ray's C++ one
-    for this signal only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum, frame) -> None:
-    _terminated.append(signum)
-    os.kill(os.getpid(), signal.SIGINT)  # the path Ctrl-C takes: Train's and Tune's own handlers, or KeyboardInterrupt
-
-
-def interruption() -> tuple[str, int]:
-    """How an interrupted command names its end, and its exit code: 143 after SIGTERM, 130 after Ctrl-C."""
-    return ("terminated (SIGTERM)", 128 + signal.SIGTERM) if _terminated else ("interrupted", 128 + signal.SIGINT)
 
 
 def free_port() -> int:
@@ -147,16 +125,16 @@ def start(
             os.environ["RAY_AUTH_MODE"] = "token"
             ray._raylet.Config.initialize("")
         try:
-            ray.init(
-                address=address,
-                job_config=job_config,
-                log_to_driver=verbose,
-                logging_level=logging.WARNING if verbose else logging.ERROR,
-                runtime_env=_cluster_runtime_env(),
-            )
+            with signals.taking_sigterm_in_ray_init():
+                ray.init(
+                    address=address,
+                    job_config=job_config,
+                    log_to_driver=verbose,
+                    logging_level=logging.WARNING if verbose else logging.ERROR,
+                    runtime_env=_cluster_runtime_env(),
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
-        end_on_sigterm_like_ctrl_c()
         return None
     dashboard = dashboard and dashboard_available()
     port = free_port()
@@ -165,23 +143,23 @@ def start(
     os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine has no node to be preempted
     _set_up_local_ray(log_monitor=verbose)
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=dashboard,
-        dashboard_host=dashboard_host,
-        dashboard_port=port,
-        job_config=job_config,
-        log_to_driver=verbose,
-        logging_level=logging.WARNING if verbose else logging.ERROR,
-        configure_logging=True,
-        resources=extra_resources or None,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
-        _system_config={"event_stats": False},
-    )
-    end_on_sigterm_like_ctrl_c()
+    with signals.taking_sigterm_in_ray_init():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=dashboard,
+            dashboard_host=dashboard_host,
+            dashboard_port=port,
+            job_config=job_config,
+            log_to_driver=verbose,
+            logging_level=logging.WARNING if verbose else logging.ERROR,
+            configure_logging=True,
+            resources=extra_resources or None,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
+            _system_config={"event_stats": False},
+        )
     node = ray._private.worker._global_node
     _own_session[:] = [(node.get_session_dir_path(), verbose)]
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -218,9 +196,8 @@ def describe_session(directory: Path, url: str | None) -> None:
 
 def stop() -> int:
     """Remove the placement groups this driver's job left behind, then shut Ray down; returns how many there were."""
-    import ray
-
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # None where ray was never imported, or its import was interrupted: no Ray started
+    if ray is None or not ray.is_initialized():
         return 0
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 

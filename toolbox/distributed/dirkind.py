@@ -3,6 +3,7 @@ resumes from the other's (both default to ./ray_results, and a sweep is named af
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.fs
@@ -64,6 +65,18 @@ def mark(exp: Place, kind: str) -> None:
         marker.write(kind.encode())
     if exp.remote:
         exp.local.mkdir(parents=True, exist_ok=True)
+
+
+def empty(exp: Place) -> None:
+    """Delete what the sweep dir holds (and its local staging copy), but the lock."""
+    for info in exp.fs.get_file_info(pyarrow.fs.FileSelector(exp.path, allow_not_found=True)):
+        if info.base_name == LOCK_FILE:
+            continue
+        exp.fs.delete_dir(info.path) if info.type == pyarrow.fs.FileType.Directory else exp.fs.delete_file(info.path)
+    if exp.remote and exp.local.exists():
+        for entry in exp.local.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def sweep_holding(path: Path) -> Path | None:
