@@ -9,8 +9,8 @@ Three sources, all registering into the same registries:
 The driver records what it imported in the config (``imports``), and every process that builds a
 component (a trial, a Ray Train worker, a fused worker, a process on another node) calls ``load``
 with it first. A file's directory goes on ``sys.path`` first, so that the file's own imports of its
-neighbours work; on a cluster those directories' Python files travel in Ray's ``runtime_env``
-(``shipped_code``), and the workers there import the same modules by name.
+neighbours work; on a cluster the Python files of those directories travel in Ray's ``runtime_env`` as
+one package (``shipped_code``), and the workers there import the same modules by name from it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from types import ModuleType
 from toolbox.config.registry import ConfigError, Registry
 
 ENTRY_POINT_GROUP = "toolbox.components"
-# Set on the workers of a cluster the user's code was shipped to: files are imported by module name there.
+# Set on the workers of a cluster the user's code was shipped to: files are imported by module name there,
+# from the package they travel in (a py_module, which merges with a submitted job's own working_dir).
 SHIPPED = "TOOLBOX_USER_CODE_SHIPPED"
+SHIPPED_PACKAGE = "toolbox_user_code"
 # Frames of these files are never the user's line: toolbox's own, the standard library's, installed packages'.
 _NOT_USER_CODE = (
     "<",
@@ -43,7 +45,7 @@ _NOT_USER_CODE = (
 _files: dict[str, tuple[tuple[int, int], ModuleType]] = {}  # by resolved path: (mtime, size) and the module
 _registering: set[str] = set()  # the resolved paths of imported files that registered components
 _origins: dict[str, str] = {}
-_code_dirs: list[str] = []  # the directories put on sys.path for the user's files, in order
+_code_dirs: list[str] = []  # the directories of the files ``load`` imported, in order: they travel to a cluster
 _entry_points_loaded = False
 
 
@@ -67,6 +69,8 @@ def load(specs: Iterable[str] = ()) -> None:
     for spec in specs:
         module = import_file(Path(spec)) if is_file(spec) else _import_module(spec, spec)
         _origins[spec] = getattr(module, "__file__", None) or spec
+        if is_file(spec) and str(Path(spec).parent) not in _code_dirs and not os.environ.get(SHIPPED):
+            _code_dirs.append(str(Path(spec).parent))
 
 
 def origins() -> dict[str, str]:
@@ -96,6 +100,9 @@ def import_file(path: Path, module_name: str | None = None, failing: str = "") -
     what failed in the error's line (default: "cannot import FILE")."""
     name = module_name or path.stem
     if os.environ.get(SHIPPED) and not module_name:
+        shipped = importlib.import_module(SHIPPED_PACKAGE).__path__[0]
+        if shipped not in sys.path:
+            sys.path.insert(0, shipped)
         return _import_module(name, str(path))
     path = path.expanduser().resolve()
     if not path.is_file():
@@ -106,8 +113,6 @@ def import_file(path: Path, module_name: str | None = None, failing: str = "") -
     directory = str(path.parent)
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    if directory not in _code_dirs:
-        _code_dirs.append(directory)
     taken = sys.modules.get(name)
     if taken is not None and getattr(taken, "__file__", None) and Path(taken.__file__).resolve() == path and key not in _files:
         _files[key] = (stamp, taken)  # imported already, by a plain import statement
@@ -162,15 +167,17 @@ def code_dirs() -> list[str]:
 
 
 def shipped_code() -> str | None:
-    """A directory holding the Python files and packages of ``code_dirs()``, for a cluster's ``runtime_env``
-    (``working_dir``): only code travels, not the data beside it. None when there is no user code."""
+    """A package directory holding the Python files and packages of ``code_dirs()``, for a cluster's
+    ``runtime_env`` (``py_modules``): only code travels, not the data beside it. None when there is no user code."""
     if not _code_dirs:
         return None
-    staging = Path(tempfile.mkdtemp(prefix="toolbox-user-code-"))
+    staging = Path(tempfile.mkdtemp(prefix="toolbox-user-code-")) / SHIPPED_PACKAGE
+    staging.mkdir()
+    (staging / "__init__.py").write_text("")
     for directory in map(Path, _code_dirs):
         for entry in directory.iterdir():
             target = staging / entry.name
-            if entry.is_file() and entry.suffix == ".py":
+            if entry.is_file() and entry.suffix == ".py" and entry.name != "__init__.py":
                 if target.exists() and target.read_bytes() != entry.read_bytes():
                     raise ConfigError(f"two user modules named {entry.name} ({directory} and another directory): rename one")
                 shutil.copy2(entry, target)

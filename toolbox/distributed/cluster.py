@@ -169,11 +169,11 @@ def start(
 
 
 def _cluster_runtime_env() -> dict:
-    """What every worker of a cluster gets: toolbox itself, and the user's Python files as its working dir."""
+    """What every worker of a cluster gets: toolbox itself, and the user's Python files as a package of their own."""
     runtime_env: dict = {"py_modules": [str(Path(PACKAGE_ROOT) / "toolbox")]}
     shipped = user_code.shipped_code()
     if shipped:
-        runtime_env |= {"working_dir": shipped, "env_vars": {user_code.SHIPPED: "1"}}
+        runtime_env = {"py_modules": [*runtime_env["py_modules"], shipped], "env_vars": {user_code.SHIPPED: "1"}}
     return runtime_env
 
 
