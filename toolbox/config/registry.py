@@ -32,6 +32,12 @@ class ConfigError(ValueError):
     """A bad configuration, reported to the user as one line (exit code 2), before Ray starts."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, for an error of the user's code."""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class Range:
     """A value rule for a number, used inside ``Annotated``: ``Annotated[float, Range(gt=0)]``."""

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from toolbox.config.registry import ConfigError, Registry
+from toolbox.config.registry import ConfigError, Registry, one_line
 
 ENTRY_POINT_GROUP = "toolbox.components"
 # Set on the workers of a cluster the user's code was shipped to: files are imported by module name there,
@@ -88,7 +88,7 @@ def load_entry_points() -> None:
             entry.load()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line
             raise ConfigError(
-                f"{_where(exc, entry.value)}: entry point {entry.name!r} ({ENTRY_POINT_GROUP}) failed to import: {_why(exc)}"
+                f"{_where(exc, entry.value)}: entry point {entry.name!r} ({ENTRY_POINT_GROUP}) failed to import: {one_line(exc)}"
             ) from None
 
 
@@ -129,7 +129,7 @@ def import_file(path: Path, module_name: str | None = None, failing: str = "") -
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line naming the file and line
         sys.modules.pop(name, None)
-        raise ConfigError(f"{_where(exc, str(path))}: {failing or f'cannot import {path.name}'}: {_why(exc)}") from None
+        raise ConfigError(f"{_where(exc, str(path))}: {failing or f'cannot import {path.name}'}: {one_line(exc)}") from None
     if Registry.registrations > before:
         _registering.add(key)
     _files[key] = (stamp, module)
@@ -145,12 +145,7 @@ def _import_module(name: str, shown: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code, an exit too, becomes one line naming the file and line
-        raise ConfigError(f"{_where(exc, shown)}: cannot import {name}: {_why(exc)}") from None
-
-
-def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        raise ConfigError(f"{_where(exc, shown)}: cannot import {name}: {one_line(exc)}") from None
 
 
 def _where(exc: BaseException, fallback: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from toolbox.config.registry import ConfigError
+from toolbox.config.registry import ConfigError, one_line
 from toolbox.training.session import Session
 
 # Errors of Python code that, raised before the first epoch ends, the same config raises again.
@@ -29,11 +29,6 @@ FIRST_EPOCH_ERRORS = (
 
 class DeterministicFailure(Exception):
     """A run's failure that a retry would repeat; its message is one line saying why."""
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
