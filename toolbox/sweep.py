@@ -28,7 +28,7 @@ from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
-from toolbox.tuning import results
+from toolbox.tuning import growth, results
 from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
 from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
@@ -94,6 +94,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     refuse_unless(args.exp, SWEEP)
     if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
+    args.record = growth.plan(args.exp, sweep, ran=not args.restart and kind_of(args.exp) == SWEEP)
     if args.address:
         check_address(args.address)
     if not sweep.trials_in_process and not args.address and not (args.dashboard and cluster.dashboard_available()):
@@ -209,6 +210,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         log.info("--restart: removing what %s holds", exp.path)
         empty(exp)
     mark(exp, SWEEP)
+    args.record.write(exp)
     random.seed(sweep.base.get("seed", 0))  # PBT's explore draws from Python's random in this process
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the sweep at every step: a killed driver loses no finished trial
     tune_fixes.install()
@@ -238,6 +240,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         trial_resources = {"cpu": 0, "memory": 1}
     trial = tune.with_resources(trainable(run_trial, sweep=sweep, data=[data_ref], exp=exp), trial_resources)
     progress = Progress(sweep)
+    tune_fixes.grow_on_restore(growth.Growth(sweep, args.record, exp, progress))
     started = time.time()
     log.info(
         "sweep %s: %d trials x <= %d epochs, %s + %s, metric %s (%s) -> %s",
@@ -258,7 +261,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         grid = tune.Tuner.restore(exp.path, trial, storage_filesystem=exp.fs).get_results()
     fit_s = time.time() - fit_started
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
-    rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp))
+    rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
@@ -288,7 +291,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
-    if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
+    in_space = sum(r["status"] != "outside" for r in rows)
+    if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or in_space < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         how, code = signals.interruption()
         print(

@@ -9,6 +9,7 @@ import time
 from ray import tune
 
 from toolbox.training.epochlog import read_rows
+from toolbox.tuning.growth import in_space
 from toolbox.tuning.results import best_value
 from toolbox.tuning.sweepfile import Sweep
 
@@ -32,7 +33,7 @@ class Progress(tune.Callback):
 
     def on_step_begin(self, iteration, trials, **info):
         if self.done is None:  # a re-run restores the trials that finished before it
-            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self.done = sum(t.status in ("TERMINATED", "ERROR") and in_space(self.sweep, t.config) for t in trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()

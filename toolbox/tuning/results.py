@@ -18,18 +18,25 @@ import pyarrow.parquet as pq
 from toolbox.config.resolve import all_keys, changed_keys, flag
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
+from toolbox.tuning.growth import in_space
 from toolbox.tuning.sweepfile import Sweep
 
 log = logging.getLogger("toolbox")
 
 
 def trial_rows(
-    result_grid, sweep: Sweep, startup_s: dict[str, float] | None = None, states: dict[str, tuple[str, int]] | None = None
+    result_grid,
+    sweep: Sweep,
+    startup_s: dict[str, float] | None = None,
+    states: dict[str, tuple[str, int]] | None = None,
+    budgets: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per trial, best first: its swept values, best metric, epochs run, retries, time, checkpoint.
+    """One row per trial, best first: its swept values, best metric, epochs run, budget, retries, time, checkpoint.
 
     ``states`` is each trial's Tune status and failure count; a trial still running or pending
-    when the sweep ended is "interrupted"."""
+    when the sweep ended is "interrupted". ``budgets`` holds the epochs of trials that a grown
+    sweep left at an earlier budget; the others have the sweep's. A trial that a grown space no
+    longer holds is "outside"."""
     rows = []
     for result in result_grid:
         history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
@@ -40,12 +47,15 @@ def trial_rows(
         match = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
         status, failures = (states or {}).get(trial_id, ("TERMINATED", 0))
+        budget = (budgets or {}).get(trial_id, sweep.epochs)
         if result.error or status == "ERROR":
             outcome = "error"
         elif status in ("RUNNING", "PENDING", "PAUSED"):
             outcome = "interrupted"
+        elif not in_space(sweep, result.config):
+            outcome = "outside"
         else:
-            outcome = "done" if epochs >= sweep.epochs else "stopped"
+            outcome = "done" if epochs >= budget else "stopped"
         rows.append(
             {
                 "trial_id": trial_id,
@@ -56,6 +66,7 @@ def trial_rows(
                 sweep.metric: best,
                 "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
                 "epochs": epochs,
+                "budget": budget,
                 "time_s": round(sum(row["epoch_s"] for row in history), 1),
                 "startup_s": (startup_s or {}).get(trial_id, math.nan),  # trial start -> first step (this run)
                 "checkpoint": _best_checkpoint(result, history, sweep),
@@ -66,7 +77,14 @@ def trial_rows(
             }
         )
     sign = -1 if sweep.mode == "max" else 1
-    rows.sort(key=lambda r: (math.isnan(r[sweep.metric]), sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0))
+    # Trials outside a grown space rank after the spec's own: best.json is the best of what the spec asks.
+    rows.sort(
+        key=lambda r: (
+            r["status"] == "outside",
+            math.isnan(r[sweep.metric]),
+            sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0,
+        )
+    )
     return rows
 
 
@@ -183,7 +201,8 @@ def retrain_command(config: dict, name: str) -> str:
 def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
     """The ranked table printed at the end of a sweep."""
     swept = swept_keys(sweep)
-    header = ["rank", "trial", *swept, sweep.metric, "epochs", "retries", "time_s", "status"]
+    budgets = len({r["budget"] for r in rows}) > 1  # shown where a grown sweep mixes them
+    header = ["rank", "trial", *swept, sweep.metric, "epochs", *(["budget"] if budgets else []), "retries", "time_s", "status"]
     lines = [
         [
             str(i + 1),
@@ -191,6 +210,7 @@ def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
             *(_cell(r.get(k)) for k in swept),
             _cell(r[sweep.metric]),
             str(r["epochs"]),
+            *([str(r["budget"])] if budgets else []),
             str(r["retries"]),
             f"{r['time_s']:.0f}",
             r["status"],

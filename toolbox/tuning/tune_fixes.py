@@ -5,6 +5,9 @@
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
 - Retries: Tune retries every failed trial; one whose failure a retry would repeat
   (``DeterministicFailure``) fails at once.
+- Restore: Tune's restore brings back the first run's scheduler, without its state, and ignores a
+  larger spec; a ``growth.Growth`` given to ``grow_on_restore`` swaps in the current scheduler with
+  the trials' epochs replayed, and adds what the spec grew by.
 - Interruption: Tune catches Ctrl-C and returns from ``fit()`` as if the sweep had finished, marking
   the running trials TERMINATED; keep its event so the driver can tell.
 """
@@ -16,10 +19,18 @@ import time
 
 log = logging.getLogger("toolbox")
 _interrupted: list = []  # Tune's interruption events, one per fit()
+_growth: list = []  # the growth.Growth of the sweep this driver restores, if any
 
 
 def install() -> None:
-    for fix in (snapshot_after_every_change, wait_for_the_previous_upload, retry_crashes_only, keep_the_interruption_event):
+    fixes = (
+        snapshot_after_every_change,
+        wait_for_the_previous_upload,
+        retry_crashes_only,
+        keep_the_interruption_event,
+        restore_with_growth,
+    )
+    for fix in fixes:
         try:
             fix()
         except (ImportError, AttributeError) as exc:  # another Ray version: run without the fix
@@ -91,6 +102,29 @@ def retry_crashes_only() -> None:
 
     _process_trial_failure.toolbox_retries_crashes_only = True
     TuneController._process_trial_failure = _process_trial_failure
+
+
+def grow_on_restore(growth) -> None:
+    """The next restore of a sweep in this process goes through ``growth``."""
+    _growth[:] = [growth]
+
+
+def restore_with_growth() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    requeue = TuneController._requeue_restored_trials
+    if getattr(requeue, "toolbox_grows", False):
+        return
+
+    def _requeue_restored_trials(self, trials, resume_config):
+        if not _growth:
+            return requeue(self, trials, resume_config)
+        _growth[0].before_requeue(self, trials)
+        requeue(self, trials, resume_config)
+        _growth[0].after_requeue(self)
+
+    _requeue_restored_trials.toolbox_grows = True
+    TuneController._requeue_restored_trials = _requeue_restored_trials
 
 
 def keep_the_interruption_event() -> None:

@@ -1,0 +1,199 @@
+"""Growing a finished sweep by re-running it with a larger spec: more trials, another space, more epochs.
+
+Each grow is killed mid-way (the driver SIGKILLed) and re-run: nothing is lost and nothing runs twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import run_cli
+from test_reliability import Cli, assert_every_epoch_once, trial_dirs
+
+from toolbox.distributed.dirkind import KIND_FILE, SWEEP
+from toolbox.tuning.growth import RECORD, spec_of
+from toolbox.tuning.sweepfile import load
+
+GROW = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_n_samples": 3000, "dummy_val_n_samples": 128, "dummy_input_shape": (16,),
+        "ff_hidden_sizes": (16,), "batch_size": 8, "scheduler": "cosine_annealing_lr"}
+num_samples = 1
+epochs = 2
+trial_scheduler = "fifo"
+max_concurrent = 1
+"""
+
+
+def write(tmp_path: Path, body: str, name: str = "grow") -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(GROW + textwrap.dedent(body))
+    return path
+
+
+def sweep(*args: str):
+    return run_cli("sweep", *args, timeout=400)
+
+
+def rows_of(exp_dir: Path) -> dict[str, dict]:
+    return {r["trial_id"]: r for r in pq.read_table(exp_dir / "results.parquet").to_pylist()}
+
+
+def killed_mid_way(args: list[str], after: str) -> None:
+    """The command, its driver SIGKILLed once it printed ``after``."""
+    cli = Cli("sweep", *args)
+    cli.wait_for(after)
+    os.kill(cli.proc.pid, signal.SIGKILL)
+    cli.finish()
+
+
+def epochs_files(exp_dir: Path) -> dict[str, bytes]:
+    return {d.name: (d / "epochs.csv").read_bytes() for d in trial_dirs(exp_dir)}
+
+
+@pytest.mark.timeout(900)
+def test_more_trials_add_new_ones_only_even_when_the_grow_is_killed(tmp_path):
+    path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\n')
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    exp_dir = tmp_path / "grow"
+    before = epochs_files(exp_dir)
+
+    killed_mid_way([*args, "--num-samples", "4"], after="[3/4]")
+    again = sweep(*args, "--num-samples", "4")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "interrupted" not in again.stderr
+
+    rows = rows_of(exp_dir)
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows.values()), rows
+    assert len(trial_dirs(exp_dir)) == 4, "no orphan trial dir"
+    assert {k: v for k, v in epochs_files(exp_dir).items() if k in before} == before, "the first trials never ran again"
+    for trial in trial_dirs(exp_dir):
+        assert_every_epoch_once(trial, 2)
+    assert len({r["lr"] for r in rows.values()}) == 4, "the new trials drew new points"
+    record = json.loads((exp_dir / RECORD).read_text())
+    assert [r["changes"][0].split(":")[0] for r in record["rounds"]] == ["num_samples 2 -> 4"]
+    assert record["pending"] is False
+
+    same = sweep(*args, "--num-samples", "4")  # the spec is done: nothing runs, exit 0
+    assert same.returncode == 0 and "new trials" not in same.stdout and "growing" not in same.stdout, same.stdout[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_more_epochs_continue_the_trials_that_reached_the_budget_and_early_stopped_ones_stay_stopped(tmp_path):
+    """ASHA stops the trials whose lr barely moves them at epoch 1; the others reached 2 epochs and continue to 4."""
+    body = """\
+    space = {"lr": tune.grid_search([0.05, 0.02, 1e-6, 2e-6])}
+    trial_scheduler = "asha"
+    scheduler_options = {"grace_period": 1, "reduction_factor": 2}
+    """
+    path = write(tmp_path, body)
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    exp_dir = tmp_path / "grow"
+    stopped = {t: r for t, r in rows_of(exp_dir).items() if r["status"] == "stopped"}
+    reached = {t: r for t, r in rows_of(exp_dir).items() if r["status"] == "done"}
+    assert stopped and reached, rows_of(exp_dir)
+
+    killed_mid_way([*args, "--epochs", "4"], after="done after 4 epochs")
+    again = sweep(*args, "--epochs", "4")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+    rows = rows_of(exp_dir)
+    for trial in reached:
+        assert (rows[trial]["status"], rows[trial]["epochs"], rows[trial]["budget"]) == ("done", 4, 4), rows[trial]
+    for trial, row in stopped.items():
+        assert (rows[trial]["status"], rows[trial]["epochs"], rows[trial]["budget"]) == ("stopped", row["epochs"], 2)
+    for trial in trial_dirs(exp_dir):
+        assert_every_epoch_once(trial, 4 if any(t in trial.name for t in reached) else 1)
+    assert "budget" in again.stdout.split("rank", 1)[1].splitlines()[0], "the table shows budgets where they differ"
+
+
+@pytest.mark.timeout(900)
+def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the_asha_rungs(tmp_path):
+    """A grid value added runs once; one removed stays in the results as 'outside'. The new, hopeless
+    trial is stopped at epoch 1 because the rung still holds the first run's trials (Tune's restore drops it)."""
+    body = """\
+    space = {"lr": tune.grid_search([0.05, 0.02])}
+    trial_scheduler = "asha"
+    scheduler_options = {"grace_period": 1, "reduction_factor": 2}
+    """
+    path = write(tmp_path, body)
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    exp_dir = tmp_path / "grow"
+    before = epochs_files(exp_dir)
+
+    path.write_text(path.read_text().replace("[0.05, 0.02]", "[0.05, 1e-6]"))
+    grown = sweep(*args)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "space['lr']" in grown.stdout and "only new points run" in grown.stdout
+
+    rows = list(rows_of(exp_dir).values())
+    by_lr = {r["lr"]: r for r in rows}
+    assert sorted(by_lr) == [1e-6, 0.02, 0.05], rows
+    assert by_lr[0.02]["status"] == "outside" and rows[-1]["lr"] == 0.02, "outside trials rank after the spec's own"
+    assert by_lr[0.05]["status"] == "done"
+    assert (by_lr[1e-6]["status"], by_lr[1e-6]["epochs"]) == ("stopped", 1), by_lr[1e-6]
+    assert {k: v for k, v in epochs_files(exp_dir).items() if k in before} == before
+    assert json.loads((exp_dir / "best.json").read_text())["trial_id"] == by_lr[0.05]["trial_id"]
+
+
+@pytest.mark.timeout(600)
+def test_a_grown_optuna_sweep_suggests_its_new_trial_from_a_study_that_holds_the_earlier_results(tmp_path):
+    path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\nsearch = "optuna"\n')
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    grown = sweep(*args, "--num-samples", "3")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+
+    exp_dir = tmp_path / "grow"
+    rows = rows_of(exp_dir)
+    assert len(rows) == 3
+    state = pickle.loads(sorted(exp_dir.glob("searcher-state-*.pkl"))[-1].read_bytes())
+    study = state["_ot_study"].trials
+    assert [t.state.name for t in study] == ["COMPLETE"] * 3
+    first_lrs = sorted(r["lr"] for r in pq.read_table(exp_dir / "results.parquet").to_pylist())
+    assert sorted(t.params["lr"] for t in study) == first_lrs
+    assert study[2].params["lr"] not in {t.params["lr"] for t in study[:2]}
+
+
+def _ran(tmp_path: Path, path: Path) -> Path:
+    """A sweep dir as a finished run of ``path`` leaves it, as far as the checks before Ray read it."""
+    exp_dir = tmp_path / path.stem
+    exp_dir.mkdir()
+    (exp_dir / KIND_FILE).write_text(SWEEP)
+    (exp_dir / RECORD).write_text(json.dumps({"spec": spec_of(load(path)), "rounds": [], "budgets": {}}))
+    return exp_dir
+
+
+@pytest.mark.parametrize(
+    ("edit", "argv", "said"),
+    [
+        pytest.param("", ["--metric", "val_loss"], 'metric "val_top_1_accuracy", now "val_loss"', id="metric"),
+        pytest.param("", ["--num-samples", "1"], "num_samples 2, now 1: a sweep does not shrink", id="shrink"),
+        pytest.param("", ["--ff-hidden-sizes", "8"], "ran with base", id="base"),
+        pytest.param('del space["momentum"]\n', [], "momentum left its space", id="key-removed"),
+    ],
+)
+def test_a_change_that_cannot_grow_is_refused_before_ray_with_the_choices_and_nothing_touched(tmp_path, edit, argv, said):
+    path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1), "momentum": tune.uniform(0.8, 0.9)}\nnum_samples = 2\n')
+    exp_dir = _ran(tmp_path, path)
+    files = {p.name: p.read_bytes() for p in exp_dir.iterdir()}
+    path.write_text(path.read_text() + edit)
+    proc = sweep(str(path), "--storage", str(tmp_path), *argv)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert said in line and "--restart" in line and "--name NEW --grow-from grow" in line, line
+    assert "Ray dashboard" not in proc.stdout
+    assert {p.name: p.read_bytes() for p in exp_dir.iterdir()} == files
