@@ -167,6 +167,15 @@ def test_a_grown_optuna_sweep_suggests_its_new_trial_from_a_study_that_holds_the
     assert sorted(t.params["lr"] for t in study) == first_lrs
     assert study[2].params["lr"] not in {t.params["lr"] for t in study[:2]}
 
+    beside = sweep(*args, "--num-samples", "1", "--name", "beside", "--grow-from", "grow")
+    assert beside.returncode == 0, beside.stdout[-3000:] + beside.stderr[-3000:]
+    assert "grown from sweep grow: the searcher starts from its 3 trials inside this space" in beside.stdout
+    state = pickle.loads(sorted((tmp_path / "beside").glob("searcher-state-*.pkl"))[-1].read_bytes())
+    study = state["_ot_study"].trials
+    values = {r["lr"]: r["val_top_1_accuracy"] for r in rows.values()}
+    assert [(t.params["lr"], t.values[0]) for t in study[:3]] == [(lr, values[lr]) for lr in (t.params["lr"] for t in study[:3])]
+    assert len(study) == 4 and set(values) == {t.params["lr"] for t in study[:3]}
+
 
 def _ran(tmp_path: Path, path: Path) -> Path:
     """A sweep dir as a finished run of ``path`` leaves it, as far as the checks before Ray read it."""
@@ -197,3 +206,12 @@ def test_a_change_that_cannot_grow_is_refused_before_ray_with_the_choices_and_no
     assert said in line and "--restart" in line and "--name NEW --grow-from grow" in line, line
     assert "Ray dashboard" not in proc.stdout
     assert {p.name: p.read_bytes() for p in exp_dir.iterdir()} == files
+
+
+def test_grow_from_refuses_a_random_search_before_ray(tmp_path):
+    path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\n')
+    _ran(tmp_path, path)
+    proc = sweep(str(path), "--storage", str(tmp_path), "--name", "beside", "--grow-from", "grow")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "random search draws independent points" in proc.stderr and "Ray dashboard" not in proc.stdout
+    assert not (tmp_path / "beside").exists()

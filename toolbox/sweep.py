@@ -71,6 +71,9 @@ def build_parser(add_help: bool = True) -> Parser:
     runtime.add_argument("--storage", default="./ray_results", help="default: ./ray_results")
     runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
     runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
+    runtime.add_argument(
+        "--grow-from", metavar="OLD_SWEEP", help="start this new sweep's searcher from OLD_SWEEP's results (same --storage)"
+    )
     cluster.add_ray_flags(runtime)
     add_config_flags(parser, exclude=("epochs", "seed"))  # any run key overrides the base: --mnist-root, ...
     return parser
@@ -95,6 +98,9 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     args.record = growth.plan(args.exp, sweep, ran=not args.restart and kind_of(args.exp) == SWEEP)
+    args.start_from = ((), ())
+    if args.grow_from and (args.restart or kind_of(args.exp) != SWEEP):  # a new sweep; a re-run continues it
+        args.start_from = growth.warm_start(sweep, place(args.storage, args.grow_from), args.grow_from, args.record)
     if args.address:
         check_address(args.address)
     if not sweep.trials_in_process and not args.address and not (args.dashboard and cluster.dashboard_available()):
@@ -152,7 +158,7 @@ def trial_checkpoints(sweep: Sweep):
     return tune.CheckpointConfig(num_to_keep=2)
 
 
-def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, progress):
+def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, progress, start_from):
     from ray import tune
 
     from toolbox.tuning.search import search_algorithm, trial_scheduler
@@ -168,7 +174,7 @@ def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, pr
             metric=sweep.metric,
             mode=sweep.mode,
             num_samples=sweep.num_samples,
-            search_alg=search_algorithm(sweep, max_concurrent),
+            search_alg=search_algorithm(sweep, max_concurrent, start_from),
             scheduler=trial_scheduler(sweep),
             reuse_actors=sweep.trials_in_process,
         ),
@@ -253,7 +259,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.mode,
         exp_dir,
     )
-    tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress)
+    tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress, args.start_from)
     fit_started = time.time()
     try:
         grid = tuner.fit()

@@ -108,6 +108,42 @@ def plan(exp: Place, sweep: Sweep, ran: bool) -> Record:
     return record
 
 
+def warm_start(sweep: Sweep, old: Place, old_name: str, record: Record) -> tuple[list[dict], list[float]]:
+    """``--grow-from``: the old sweep's trials inside this sweep's space, and their best values, for a searcher to start from."""
+    import pyarrow.parquet as pq
+    from ray.tune import ExperimentAnalysis
+
+    ran = Record.read(old)
+    if ran is None:
+        raise ConfigError(f"--grow-from {old_name}: {old.path} holds no finished sweep (no {RECORD})")
+    if sweep.search != "optuna":
+        raise ConfigError(
+            f"--grow-from {old_name}: random search draws independent points and has nothing to start from; "
+            f'use search = "optuna", or grow {old_name} itself by re-running it with the larger spec'
+        )
+    for key in ("metric", "mode"):
+        if record.spec[key] != getattr(sweep, key):
+            raise ConfigError(
+                f"--grow-from {old_name}: it ranked by {key} {record.spec[key]!r}, this sweep by {getattr(sweep, key)!r}"
+            )
+    try:
+        with old.fs.open_input_file(f"{old.path}/results.parquet") as source:
+            values = {r["trial_id"]: r[sweep.metric] for r in pq.read_table(source).to_pylist()}
+    except (FileNotFoundError, KeyError) as exc:
+        raise ConfigError(f"--grow-from {old_name}: its results.parquet cannot be read ({exc})") from None
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # our trials write no result.json
+    points, rewards = [], []
+    for trial in ExperimentAnalysis(old.path, storage_filesystem=old.fs).trials:
+        value = values.get(trial.trial_id)
+        if value is not None and value == value and in_space(sweep, trial.config):
+            points.append(drawn(sweep, trial.config))
+            rewards.append(value)
+    said = f"grown from sweep {old_name}: the searcher starts from its {len(points)} trials inside this space"
+    log.info(said)
+    record.rounds.append({"at": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": [said], "from": old.path})
+    return points, rewards
+
+
 def _changes(old: dict, new: dict, name: str) -> list[str]:
     choices = (
         f"re-run with --restart (delete it and start afresh), --name NEW (a sweep beside it), "

@@ -11,13 +11,17 @@ from toolbox.data.tensors import DataSpec
 from toolbox.tuning.sweepfile import Sweep, candidate_params
 
 
-def search_algorithm(sweep: Sweep, max_concurrent: int):
-    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9)."""
+def search_algorithm(sweep: Sweep, max_concurrent: int, start_from: tuple[list[dict], list[float]] = ((), ())):
+    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9).
+
+    ``start_from``: points already evaluated and their values (``--grow-from``), which Optuna's study starts with."""
     seed = sweep.base.get("seed", 0)
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
+        points, rewards = start_from
+        searcher = OptunaSearch(seed=seed, points_to_evaluate=list(points) or None, evaluated_rewards=list(rewards) or None)
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
