@@ -28,7 +28,7 @@ from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
-from toolbox.tuning import growth, results
+from toolbox.tuning import confirm, growth, results
 from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
 from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
@@ -72,6 +72,10 @@ def build_parser(add_help: bool = True) -> Parser:
     runtime.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training")
     runtime.add_argument("--restart", action="store_true", help="delete the sweep's results and start afresh")
     runtime.add_argument(
+        "--confirm", type=int, metavar="K", help="after the sweep: re-train its K best configurations over --seeds"
+    )
+    runtime.add_argument("--seeds", type=int, default=3, metavar="S", help="seeds per configuration for --confirm (default: 3)")
+    runtime.add_argument(
         "--grow-from", metavar="OLD_SWEEP", help="start this new sweep's searcher from OLD_SWEEP's results (same --storage)"
     )
     cluster.add_ray_flags(runtime)
@@ -97,6 +101,11 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     refuse_unless(args.exp, SWEEP)
     if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
+    args.confirming = None
+    if args.confirm is not None:  # the sweep as it ran; its re-trainings are a sweep of their own
+        growth.refuse_changes(args.exp, sweep, "--confirm")
+        args.confirming = (sweep, args.exp)
+        sweep, args.exp = confirm.confirmation(sweep, args.exp, args.confirm, args.seeds)
     args.record = growth.plan(args.exp, sweep, ran=not args.restart and kind_of(args.exp) == SWEEP)
     args.start_from = ((), ())
     if args.grow_from and (args.restart or kind_of(args.exp) != SWEEP):  # a new sweep; a re-run continues it
@@ -179,7 +188,7 @@ def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, pr
             reuse_actors=sweep.trials_in_process,
         ),
         run_config=tune.RunConfig(
-            name=sweep.name,
+            name=exp.path.rsplit("/", 1)[-1],  # a confirmation runs in its sweep's dir, in confirm/
             storage_path=exp.parent,
             storage_filesystem=exp.fs,
             verbose=0,
@@ -269,6 +278,10 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
     rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
+    if args.confirming:
+        confirmed = confirm.summarize(rows, sweep, *args.confirming)
+        print(confirm.format_table(confirmed, args.confirming[0]), flush=True)
+        log.info(confirm.verdict(confirmed, args.confirming[0]))
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
         written = pool.submit(results.write, rows, sweep, exp_dir, exp.mirror)

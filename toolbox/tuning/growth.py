@@ -108,6 +108,17 @@ def plan(exp: Place, sweep: Sweep, ran: bool) -> Record:
     return record
 
 
+def refuse_changes(exp: Place, sweep: Sweep, what: str) -> None:
+    """``what`` works on the sweep as it last ran: a spec changed since must grow it first."""
+    record = Record.read(exp)
+    if record is not None and record.spec != spec_of(sweep):
+        changed = [key for key in spec_of(sweep) if record.spec.get(key) != spec_of(sweep)[key]]
+        raise ConfigError(
+            f"{what}: sweep {sweep.name}'s {', '.join(changed)} changed since it ran; "
+            f"re-run it without {what} first (it grows or says why not), or undo the change"
+        )
+
+
 def warm_start(sweep: Sweep, old: Place, old_name: str, record: Record) -> tuple[list[dict], list[float]]:
     """``--grow-from``: the old sweep's trials inside this sweep's space, and their best values, for a searcher to start from."""
     import pyarrow.parquet as pq

@@ -62,7 +62,7 @@ def trial_rows(
                 "status": outcome,
                 "retries": failures - 1 if outcome == "error" else failures,
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
-                **{key: _plain(config.get(key)) for key in swept_keys(sweep)},
+                **{key: _plain(config.get(key, (result.config or {}).get(key))) for key in swept_keys(sweep)},
                 sweep.metric: best,
                 "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
                 "epochs": epochs,
@@ -120,8 +120,9 @@ def error_line(error: BaseException | None) -> str | None:
 
 
 def swept_keys(sweep: Sweep) -> list[str]:
-    """The results columns of the swept keys, in the registry's order."""
-    return [key for key in all_keys() if key in sweep.space]
+    """The results columns of the swept keys, in the registry's order, then those that are no run key (a confirmation's candidate)."""
+    known = all_keys()
+    return [key for key in known if key in sweep.space] + [key for key in sweep.space if key not in known]
 
 
 def _best_checkpoint(result, history: list[dict], sweep: Sweep) -> str | None:
@@ -160,6 +161,7 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
     if math.isnan(best[sweep.metric]):  # no trial reported the metric: nothing to re-train
         return None
     config = best["config"]
+    earlier = json.loads((out_dir / "best.json").read_text()) if (out_dir / "best.json").exists() else {}
     summary = {
         "trial_id": best["trial_id"],
         "metric": sweep.metric,
@@ -169,6 +171,7 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
         "checkpoint": best["checkpoint"],
         "config": config,
         "command": retrain_command(config, f"{sweep.name}-best"),
+        **({"confirmed": earlier["confirmed"]} if "confirmed" in earlier else {}),  # --confirm's, kept when the sweep grows
     }
     replace_file(out_dir / "best.json", json.dumps(summary, indent=2, default=str).encode())
     if mirror is not None:
