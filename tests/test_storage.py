@@ -44,6 +44,10 @@ def test_a_cut_short_experiment_state_keeps_the_previous_one(tmp_path):
         with fs.open_output_stream(str(searcher)) as out:
             out.write(data)
     assert searcher.read_bytes() == whole
+    error = tmp_path / "error.pkl"  # an empty one, read back as the results are listed, failed the sweep: EOFError
+    (error.parent / "empty").write_bytes(b"")
+    pyarrow.fs.copy_files(str(error.parent / "empty"), str(error), pyarrow.fs.LocalFileSystem(), fs)
+    assert not error.exists()
     other = tmp_path / "result.json"  # any other file is published as written
     with fs.open_output_stream(str(other)) as out:
         out.write(b'{"a": 1}\n{"a"')

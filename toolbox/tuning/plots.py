@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from toolbox.training.builders import lr_schedule
+from toolbox.training.epochlog import replace_file
 from toolbox.tuning.sweepfile import Sweep
 
 
@@ -33,8 +35,7 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(plots / "val_metric.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, plots / "val_metric.png")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     peak = 0.0
@@ -56,5 +57,14 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     )
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")
+    _save(fig, plots / "lr_schedule.png")
+
+
+def _save(fig, path: Path) -> None:
+    """The PNG whole or not at all (a full disk leaves the previous one)."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    replace_file(path, png.getvalue())

@@ -5,6 +5,8 @@
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
 - Retries: Tune retries every failed trial; one whose failure a retry would repeat
   (``DeterministicFailure``) fails at once.
+- A full disk: a trial that fails on one ends the sweep as Ctrl-C would (every other trial and each
+  retry would fail the same way), and counts as no failure of the trial's: a re-run continues it.
 - Interruption: Tune catches Ctrl-C and returns from ``fit()`` as if the sweep had finished, marking
   the running trials TERMINATED; keep its event so the driver can tell.
 """
@@ -16,10 +18,12 @@ import time
 
 log = logging.getLogger("toolbox")
 _interrupted: list = []  # Tune's interruption events, one per fit()
+_disk_full: list[BaseException] = []  # trial failures on a full disk
 
 
 def install() -> None:
-    for fix in (snapshot_after_every_change, wait_for_the_previous_upload, retry_crashes_only, keep_the_interruption_event):
+    fixes = (snapshot_after_every_change, wait_for_the_previous_upload, retry_crashes_only, stop_on_a_full_disk)
+    for fix in (*fixes, keep_the_interruption_event):
         try:
             fix()
         except (ImportError, AttributeError) as exc:  # another Ray version: run without the fix
@@ -91,6 +95,37 @@ def retry_crashes_only() -> None:
 
     _process_trial_failure.toolbox_retries_crashes_only = True
     TuneController._process_trial_failure = _process_trial_failure
+
+
+def stop_on_a_full_disk() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    from toolbox.config.flags import is_disk_full
+
+    process = TuneController._process_trial_failure
+    if getattr(process, "toolbox_stops_on_a_full_disk", False):
+        return
+
+    def _process_trial_failure(self, trial, exception):
+        if not is_disk_full(exception):
+            return process(self, trial, exception)
+        _disk_full.append(exception)
+        if _interrupted:
+            _interrupted[-1].set()  # fit()'s loop ends after this step, as on Ctrl-C
+        limit, trial.max_failures = trial.max_failures, -1  # Tune's test: -1 recovers always
+        try:
+            return process(self, trial, exception)  # the trial waits, PENDING, to continue from its checkpoint
+        finally:
+            trial.max_failures = limit
+            trial.run_metadata.num_failures -= 1
+
+    _process_trial_failure.toolbox_stops_on_a_full_disk = True
+    TuneController._process_trial_failure = _process_trial_failure
+
+
+def disk_full() -> BaseException | None:
+    """The first trial failure on a full disk, if the last ``fit()`` ended on one."""
+    return _disk_full[0] if _disk_full else None
 
 
 def keep_the_interruption_event() -> None:
