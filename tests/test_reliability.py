@@ -23,6 +23,7 @@ from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
 from toolbox.training.checkpoint import load_state
 from toolbox.training.epochlog import read_rows
+from toolbox.tuning.trial_dirs import TRIAL_DIR
 
 # About a second an epoch on one thread: long enough to be killed inside one, with epochs left after each fault.
 EPOCHS = 8
@@ -397,7 +398,8 @@ def test_a_sweep_on_a_full_disk_ends_with_the_disk_line_and_once_space_is_freed_
 
     # What a trial started after the last snapshot Tune could save leaves (Tune starts it again under a new
     # name), and a best/ swap killed between its renames (the staged copy whole, best/ not yet in place).
-    orphan = exp_dir / re.sub(r"_\d{5}_\d+_.*", "_00099_99_lr=0.1_2026-01-01_00-00-00", trial_dirs(exp_dir)[0].name)
+    experiment = TRIAL_DIR.search(trial_dirs(exp_dir)[0].name).group(1).split("_")[0]
+    orphan = exp_dir / f"run_trial_{experiment}_00099_99_lr=0.1_2026-01-01_00-00-00"
     orphan.mkdir()
     (orphan / "training.log").write_text("")
     swapped = next(d for d in trial_dirs(exp_dir) if (d / "best").is_dir())

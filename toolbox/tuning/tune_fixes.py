@@ -107,17 +107,17 @@ def stop_on_a_full_disk() -> None:
         return
 
     def _process_trial_failure(self, trial, exception):
-        if not is_disk_full(exception):
+        if not is_disk_full(exception) or not _interrupted:
             return process(self, trial, exception)
         _disk_full.append(exception)
-        if _interrupted:
-            _interrupted[-1].set()  # fit()'s loop ends after this step, as on Ctrl-C
+        _interrupted[-1].set()  # fit()'s loop ends after this step, as on Ctrl-C
+        failures = trial.run_metadata.num_failures
         limit, trial.max_failures = trial.max_failures, -1  # Tune's test: -1 recovers always
         try:
             return process(self, trial, exception)  # the trial waits, PENDING, to continue from its checkpoint
         finally:
             trial.max_failures = limit
-            trial.run_metadata.num_failures -= 1
+            trial.run_metadata.num_failures = failures
 
     _process_trial_failure.toolbox_stops_on_a_full_disk = True
     TuneController._process_trial_failure = _process_trial_failure
@@ -138,6 +138,7 @@ def keep_the_interruption_event() -> None:
     def _setup_signal_catching():
         event = setup()
         _interrupted.append(event)
+        _disk_full.clear()
         return event
 
     _setup_signal_catching.toolbox_keeps = True
