@@ -42,10 +42,10 @@ def trial_rows(
         match = TRIAL_DIR.search(Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
         status, failures = (states or {}).get(trial_id, ("TERMINATED", 0))
-        if result.error or status == "ERROR":
-            outcome = "error"
-        elif status in ("RUNNING", "PENDING", "PAUSED"):
+        if status in ("RUNNING", "PENDING", "PAUSED"):  # also one waiting to retry after an error: it continues
             outcome = "interrupted"
+        elif result.error or status == "ERROR":
+            outcome = "error"
         else:
             outcome = "done" if epochs >= sweep.epochs else "stopped"
         rows.append(
