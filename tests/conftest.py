@@ -23,16 +23,27 @@ def tiny_mnist(tmp_path_factory) -> tuple[Path, dict]:
     return root, write_tiny_mnist(root)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MB tmpfs: a real filesystem that fills up (mounting needs root)."""
+def _tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` under ``tmp_path``: a real filesystem that fills up (mounting needs root)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs."""
+    yield from _tmpfs(tmp_path, "4m")
+
+
+@pytest.fixture
+def sweep_disk(tmp_path):
+    """A 32 MB tmpfs: room for a small sweep's checkpoints, until a test fills it."""
+    yield from _tmpfs(tmp_path, "32m")
 
 
 @pytest.fixture

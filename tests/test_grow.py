@@ -246,9 +246,14 @@ def test_confirm_retrains_the_best_over_new_seeds_survives_a_driver_kill_and_out
     for run_dir in runs.values():
         assert_every_epoch_once(run_dir, 2)
     trained = pq.read_table(exp_dir / "confirm" / "results.parquet").to_pylist()
-    assert sorted((r["candidate"], r["seed"]) for r in trained) == sorted((t, s) for t in {r["trial_id"] for r in table} for s in (2, 3, 4))
+    assert sorted((r["candidate"], r["seed"]) for r in trained) == sorted(
+        (t, s) for t in {r["trial_id"] for r in table} for s in (2, 3, 4)
+    )
     best = json.loads((exp_dir / "best.json").read_text())
-    assert best["confirmed"]["trial_id"] == table[0]["trial_id"] and "for seed in 2 3 4; do python -m toolbox.run" in best["confirmed"]["command"]
+    assert (
+        best["confirmed"]["trial_id"] == table[0]["trial_id"]
+        and "for seed in 2 3 4; do python -m toolbox.run" in best["confirmed"]["command"]
+    )
     assert (exp_dir / "plots" / "confirm.png").stat().st_size > 0
 
     more = sweep(*args, "--num-samples", "4")  # a confirmation is not lost when the sweep grows

@@ -21,7 +21,9 @@ from helpers import assert_same_weights, latest_state, run_cli, start_cli, train
 
 from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
+from toolbox.training.checkpoint import load_state
 from toolbox.training.epochlog import read_rows
+from toolbox.tuning.trial_dirs import TRIAL_DIR
 
 # About a second an epoch on one thread: long enough to be killed inside one, with epochs left after each fault.
 EPOCHS = 8
@@ -349,3 +351,73 @@ def test_sigterm_through_timeout_ends_a_sweep_like_ctrl_c_writing_its_results(tm
     assert {"results.csv", "results.parquet", "best.json"} <= {p.name for p in exp_dir.iterdir()}
     rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"interrupted", "done"}, rows
+
+
+FULL_DISK_SWEEP = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_n_samples": 256, "dummy_val_n_samples": 64, "dummy_input_shape": (64,),
+        "ff_hidden_sizes": (512,), "batch_size": 32}  # checkpoints of about 0.5 MB
+space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3])}
+num_samples = 1
+epochs = 3
+trial_scheduler = "fifo"
+max_concurrent = 2
+"""
+
+
+def first_best_epoch(trial_dir: Path, metric: str = "val_top_1_accuracy") -> int:
+    rows = read_rows(trial_dir)
+    return next(int(r["epoch"]) for r in rows if r[metric] == max(r[metric] for r in rows))
+
+
+@pytest.mark.timeout(600)
+def test_a_sweep_on_a_full_disk_ends_with_the_disk_line_and_once_space_is_freed_the_same_command_finishes_it(
+    sweep_disk, tmp_path
+):
+    """The disk fills once the first trial kept its first best: the sweep ends with the run's one line and exit 1,
+    nothing it leaves is cut short; the re-run completes it, and every checkpoint the results name loads whole."""
+    path = tmp_path / "full.py"
+    path.write_text(FULL_DISK_SWEEP)
+    args = [str(path), "--storage", str(sweep_disk), "--seed", "1"]
+    exp_dir = sweep_disk / "full"
+    cli = Cli("sweep", *args)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(exp_dir.glob("run_trial_*/best/meta.json")):
+        time.sleep(0.1)
+    filler = fill(sweep_disk)
+    code, out = cli.finish()
+    assert code == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(
+        "toolbox.sweep: failed: the disk is full (No space left on device): free space, then re-run the same command; "
+        f"{exp_dir} keeps "
+    ), out[-3000:]
+    assert "Traceback" not in out and "EOFError" not in out, out[-3000:]
+    assert not [p for p in sweep_disk.rglob("*") if p.name.startswith(".best.") or p.name.endswith(".partial")]
+    filler.unlink()
+
+    # What a trial started after the last snapshot Tune could save leaves (Tune starts it again under a new
+    # name), and a best/ swap killed between its renames (the staged copy whole, best/ not yet in place).
+    experiment = TRIAL_DIR.search(trial_dirs(exp_dir)[0].name).group(1).split("_")[0]
+    orphan = exp_dir / f"run_trial_{experiment}_00099_99_lr=0.1_2026-01-01_00-00-00"
+    orphan.mkdir()
+    (orphan / "training.log").write_text("")
+    swapped = next(d for d in trial_dirs(exp_dir) if (d / "best").is_dir())
+    (swapped / "best").rename(swapped / ".best.partial")
+
+    again = Cli("sweep", *args)
+    code, out = again.finish()
+    assert code == 0, out[-3000:]
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done"}, rows
+    assert [d.name for d in trial_dirs(exp_dir)] == sorted(Path(r["trial_dir"]).name for r in rows)
+    for row in rows:
+        trial_dir = Path(row["trial_dir"])
+        epoch = load_state(row["checkpoint"])["epoch"]
+        assert read_rows(trial_dir)[epoch - 1]["val_top_1_accuracy"] == row["val_top_1_accuracy"], row
+        assert load_state(trial_dir / "best")["epoch"] == first_best_epoch(trial_dir), trial_dir
+        assert json.loads((trial_dir / "best" / "meta.json").read_text())["epoch"] == first_best_epoch(trial_dir)
+    best = json.loads((exp_dir / "best.json").read_text())
+    assert best["checkpoint"] == rows[0]["checkpoint"]
+    load_state(best["checkpoint"])
+    assert not [p for p in sweep_disk.rglob("*") if p.name.startswith(".best.") or p.name.endswith(".partial")]

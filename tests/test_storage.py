@@ -44,6 +44,10 @@ def test_a_cut_short_experiment_state_keeps_the_previous_one(tmp_path):
         with fs.open_output_stream(str(searcher)) as out:
             out.write(data)
     assert searcher.read_bytes() == whole
+    error = tmp_path / "error.pkl"  # an empty one, read back as the results are listed, failed the sweep: EOFError
+    (error.parent / "empty").write_bytes(b"")
+    pyarrow.fs.copy_files(str(error.parent / "empty"), str(error), pyarrow.fs.LocalFileSystem(), fs)
+    assert not error.exists()
     other = tmp_path / "result.json"  # any other file is published as written
     with fs.open_output_stream(str(other)) as out:
         out.write(b'{"a": 1}\n{"a"')
@@ -90,3 +94,33 @@ def test_a_write_to_a_full_disk_leaves_no_temporary_even_unclosed(small_disk):
     assert list(small_disk.iterdir()) == []
     out.close()
     assert list(small_disk.iterdir()) == []
+
+
+def test_the_sweeps_own_files_on_a_full_disk_say_so_and_keep_the_previous_ones_whole(small_disk):
+    """results.parquet/.csv, best.json and the plots: a full disk raises what describe_failure names, and
+    leaves each previous file as it was, with no temporary beside it."""
+    from toolbox.config.flags import is_disk_full
+    from toolbox.config.resolve import resolve
+    from toolbox.tuning import results
+    from toolbox.tuning.plots import plot
+    from toolbox.tuning.sweepfile import Sweep
+
+    sweep = Sweep(name="s", space={}, metric="val_loss", mode="min")
+    history = [{"epoch": 1, "lr": 0.1, "val_loss": 0.5, "epoch_s": 1.0, "steps_per_epoch": 4}]
+    row = {"trial_id": "a_00000", "status": "done", "retries": 0, "val_loss": 0.5, "best_epoch": 1, "epochs": 1}
+    row |= {"time_s": 1.0, "checkpoint": None, "error": None, "trial_dir": None, "config": resolve({}), "history": history}
+    out = small_disk / "s"
+    results.write([row], sweep, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p.name for p in before} == {"results.parquet", "results.csv", "best.json", "val_metric.png", "lr_schedule.png"}
+    with open(small_disk / "filler", "wb") as filler, pytest.raises(OSError):
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+    with pytest.raises(OSError) as failed:
+        results.write([row | {"val_loss": 0.25}], sweep, out)
+    assert is_disk_full(failed.value)
+    with pytest.raises(OSError) as failed:  # the plots alone (results.write passes on their full disk too)
+        plot([row | {"val_loss": 0.25}], sweep, out)
+    assert is_disk_full(failed.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs
+import pytest
 import torch
 
 from toolbox.distributed.locations import Place
-from toolbox.training.checkpoint import save_state
+from toolbox.training.checkpoint import META_FILE, STATE_FILE, load_state, save_state
 from toolbox.training.epochlog import EpochLog, read_rows
-from toolbox.tuning.trial import BEST_DIR, _keep_as_best, _own_latest
+from toolbox.tuning.results import _best_checkpoint
+from toolbox.tuning.sweepfile import Sweep
+from toolbox.tuning.trial import _own_latest
+from toolbox.tuning.trial_dirs import BEST_DIR, MOVED_ASIDE, STAGED, keep_as_best, recover_best, tidy
 
 
 def row(epoch: int, val_loss: float) -> dict:
     return {"epoch": epoch, "lr": 0.1, "train_loss": val_loss, "val_loss": val_loss, "epoch_s": 1.0, "samples_per_s": 1.0}
 
 
-def checkpoint(directory: Path, epoch: int) -> Path:
+def checkpoint(directory: Path, epoch: int, values: int = 2) -> Path:
     directory.mkdir(parents=True)
     state = {
-        "model": {"w": torch.full((2,), float(epoch))},
+        "model": {"w": torch.full((values,), float(epoch))},
         "optimizer": {},
         "scheduler": {},
         "epoch": epoch,
@@ -65,9 +71,63 @@ def test_a_retried_trial_continues_its_current_trajectory_not_the_highest_epoch_
 def test_best_is_kept_whole_after_a_process_was_killed_in_the_middle_of_replacing_it(tmp_path):
     """A kill between the swap's renames left a previous best beside best/: every later copy must still land."""
     trial = Place(pyarrow.fs.LocalFileSystem(), str(tmp_path), str(tmp_path), tmp_path, False)
-    _keep_as_best(checkpoint(tmp_path / "checkpoint_000000", 1), trial)
+    keep_as_best(checkpoint(tmp_path / "checkpoint_000000", 1), trial)
     checkpoint(tmp_path / f".{BEST_DIR}.old", 1)  # what the killed process had moved aside
     checkpoint(tmp_path / f".{BEST_DIR}.partial", 1)
-    _keep_as_best(checkpoint(tmp_path / "checkpoint_000001", 2), trial)
+    keep_as_best(checkpoint(tmp_path / "checkpoint_000001", 2), trial)
     assert torch.load(tmp_path / BEST_DIR / "state.pt", weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_DIR, "checkpoint_000000", "checkpoint_000001"]
+
+
+def best_epoch(trial_dir: Path) -> int:
+    return load_state(trial_dir / BEST_DIR)["epoch"]
+
+
+def test_a_best_copy_that_meets_a_full_disk_leaves_the_previous_best_and_nothing_staged(small_disk, tmp_path):
+    trial = Place(pyarrow.fs.LocalFileSystem(), str(small_disk), str(small_disk), small_disk, False)
+    keep_as_best(checkpoint(tmp_path / "checkpoint_000000", 1), trial)
+    too_big = checkpoint(tmp_path / "checkpoint_000001", 2, values=2_000_000)  # 8 MB on a 4 MB disk
+    with pytest.raises(OSError) as failed:
+        keep_as_best(too_big, trial)
+    assert failed.value.errno == errno.ENOSPC
+    assert best_epoch(small_disk) == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == [BEST_DIR]
+
+
+def test_a_best_swap_killed_between_its_renames_is_completed_or_rolled_back(tmp_path):
+    """Between the renames best/ is missing: a complete staged copy (meta.json is copied last) is swapped in;
+    a staged copy cut short gives way to the previous best, moved aside."""
+    checkpoint(tmp_path / "done" / STAGED, 2)
+    checkpoint(tmp_path / "done" / MOVED_ASIDE, 1)
+    recover_best(tmp_path / "done")
+    assert best_epoch(tmp_path / "done") == 2 and sorted(p.name for p in (tmp_path / "done").iterdir()) == [BEST_DIR]
+
+    (checkpoint(tmp_path / "cut" / STAGED, 2) / META_FILE).unlink()
+    checkpoint(tmp_path / "cut" / MOVED_ASIDE, 1)
+    recover_best(tmp_path / "cut")
+    assert best_epoch(tmp_path / "cut") == 1 and sorted(p.name for p in (tmp_path / "cut").iterdir()) == [BEST_DIR]
+
+
+def test_the_results_name_only_a_whole_checkpoint_of_the_best_epoch(tmp_path):
+    """Not a copy staged in a hidden dir, nor a dir whose state.pt never landed; of two equal epochs, the first."""
+    sweep = Sweep(name="s", space={}, metric="val_loss", mode="min")
+    history = [row(1, 0.5), row(2, 0.2), row(3, 0.2)]
+    checkpoint(tmp_path / "checkpoint_000000", 1)
+    checkpoint(tmp_path / STAGED, 2)
+    (checkpoint(tmp_path / "checkpoint_000001", 2) / STATE_FILE).unlink()
+    checkpoint(tmp_path / "checkpoint_000002", 3)
+    checkpoint(tmp_path / "checkpoint_000003", 2)
+    result = SimpleNamespace(path=str(tmp_path), filesystem=pyarrow.fs.LocalFileSystem())
+    assert _best_checkpoint(result, history, sweep) == str(tmp_path / "checkpoint_000003")
+    (tmp_path / "checkpoint_000003" / STATE_FILE).unlink()
+    assert _best_checkpoint(result, history, sweep) == str(tmp_path / "checkpoint_000002")
+
+
+def test_a_sweep_starting_afresh_removes_the_trial_dirs_no_record_names(tmp_path):
+    exp = Place(pyarrow.fs.LocalFileSystem(), str(tmp_path), str(tmp_path / "s"), tmp_path / "s", False)
+    orphan = tmp_path / "s" / "run_trial_1f3fd_00003_3_lr=0.0040_2026-12-07_04-26-19"
+    (orphan / "training.log").parent.mkdir(parents=True)
+    (orphan / "training.log").write_text("")
+    (tmp_path / "s" / "plots").mkdir()
+    tidy(exp, restoring=False)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["plots"]

@@ -32,6 +32,7 @@ from toolbox.tuning import confirm, growth, results
 from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
 from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
+from toolbox.tuning.trial_dirs import tidy
 
 log = logging.getLogger("toolbox")
 
@@ -172,7 +173,9 @@ def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, pr
 
     from toolbox.tuning.search import search_algorithm, trial_scheduler
 
-    if tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
+    restoring = tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs)
+    tidy(exp, restoring)
+    if restoring:
         log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp.path)
         return tune.Tuner.restore(exp.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp.fs)
     max_concurrent = concurrency(sweep, cpus, gpus)
@@ -313,12 +316,12 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     in_space = sum(r["status"] != "outside" for r in rows)
     if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or in_space < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
+        kept = f"{exp_dir} keeps {finished} finished trials and every trial's checkpoints"
+        if tune_fixes.disk_full() is not None:
+            print(f"toolbox.sweep: failed: {describe_failure(tune_fixes.disk_full())}; {kept}", file=sys.stderr)
+            return 1
         how, code = signals.interruption()
-        print(
-            f"toolbox.sweep: {how}: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
-            "re-run the same command to continue",
-            file=sys.stderr,
-        )
+        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
         return code
     errored = [r for r in rows if r["status"] == "error"]
     if errored:
@@ -351,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
         return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
-        print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
+        kept = (
+            f"; {args.exp.path} keeps every finished trial and every trial's checkpoints" if getattr(args, "lock", None) else ""
+        )
+        print(f"toolbox.sweep: failed: {describe_failure(exc)}{kept}", file=sys.stderr)
         return 1
     finally:
         try:

@@ -136,18 +136,28 @@ def given_config(namespace: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(namespace).items() if k in keys}
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line for an error from Ray or a worker: a full disk said plainly, else the innermost message."""
+def _chain(exc: BaseException | None) -> list[BaseException]:
     seen, chain = set(), []
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error behind it (also one raised in a Ray task, said in its text), is a full disk."""
+    chain = _chain(exc)
     text = "\n".join(f"{type(e).__name__}: {e}" for e in chain)
-    if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain) or "No space left on device" in text:
+    return any(getattr(e, "errno", None) == errno.ENOSPC for e in chain) or "No space left on device" in text
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an error from Ray or a worker: a full disk said plainly, else the innermost message."""
+    if is_disk_full(exc):
         return "the disk is full (No space left on device): free space, then re-run the same command"
-    last = [line.strip() for line in str(chain[0]).strip().splitlines() if line.strip()]
-    return f"{type(chain[0]).__name__}: {last[-1] if last else ''} (re-run with --verbose for Ray's logs)"
+    last = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {last[-1] if last else ''} (re-run with --verbose for Ray's logs)"
 
 
 def exit_with(code: int) -> NoReturn:

@@ -16,6 +16,7 @@ from pathlib import Path
 from toolbox.config import user_code
 from toolbox.config.registry import ConfigError
 from toolbox.distributed import reaper, signals
+from toolbox.training.epochlog import replace_file
 
 log = logging.getLogger("toolbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -191,7 +192,7 @@ def describe_session(directory: Path, url: str | None) -> None:
         "prometheus_targets": str(Path(session) / "prom_metrics_service_discovery.json"),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ray_session.json").write_text(json.dumps(info, indent=2))
+    replace_file(directory / "ray_session.json", json.dumps(info, indent=2).encode())
 
 
 def stop() -> int:

@@ -48,7 +48,12 @@ def _is_whole_pickle(data: bytes) -> bool:
         return False
 
 
-STATE_FILES = {"experiment_state-*.json": _parses_as_json, "searcher-state-*.pkl": _is_whole_pickle}
+# error.pkl: Tune unpickles a trial's last error when it lists the results; an empty one fails the whole sweep.
+STATE_FILES = {
+    "experiment_state-*.json": _parses_as_json,
+    "searcher-state-*.pkl": _is_whole_pickle,
+    "error.pkl": _is_whole_pickle,
+}
 # Checkpoint dirs Tune has deleted, held back while a published snapshot may still name them: path ->
 # how many snapshots were published since. Tune saves a snapshot, uploads it in the background and
 # may delete meanwhile, so only the second snapshot published after a deletion is sure not to name

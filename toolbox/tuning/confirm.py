@@ -12,7 +12,6 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +22,7 @@ from toolbox.config.registry import ConfigError
 from toolbox.distributed.locations import Place
 from toolbox.training.epochlog import replace_file
 from toolbox.tuning.growth import drawn
+from toolbox.tuning.plots import plot_confirmation
 from toolbox.tuning.results import retrain_command
 from toolbox.tuning.sweepfile import Sweep
 
@@ -143,39 +143,10 @@ def _write(table: list[dict], sweep: Sweep, exp: Place) -> None:
         "command": f"for seed in {seeds}; do {retrain_command({**config, 'seed': 0}, sweep.name + '-confirmed')}-seed$seed --seed $seed; done",
     }
     replace_file(best_file, json.dumps(best, indent=2, default=str).encode())
-    _plot(table, sweep, exp.local / "plots")
+    plot_confirmation(table, sweep, exp.local / "plots")
     if exp.mirror is not None:
         for name in ("confirm.parquet", "confirm.csv", "best.json", "plots/confirm.png"):
             exp.mirror.push(exp.local, name)
-
-
-def _plot(table: list[dict], sweep: Sweep, plots: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(table) + 1.5))
-    for y, row in enumerate(table):
-        ax.scatter(row["values"], [y] * len(row["values"]), alpha=0.6, label="a seed" if y == 0 else None)
-        if not math.isnan(row["ci95_low"]):
-            ax.errorbar(
-                row["mean"],
-                y,
-                xerr=[[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]],
-                fmt="D",
-                color="black",
-                capsize=4,
-                label="mean, 95 % CI" if y == 0 else None,
-            )
-    ax.set_yticks(range(len(table)), [f"{r['trial_id']} (sweep #{r['sweep_rank']})" for r in table])
-    ax.invert_yaxis()
-    ax.set(xlabel=sweep.metric, title=f"{sweep.name}: the top {len(table)} configurations over seeds")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.savefig(plots / "confirm.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def format_table(table: list[dict], sweep: Sweep) -> str:

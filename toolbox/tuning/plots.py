@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 from toolbox.training.builders import lr_schedule
+from toolbox.training.epochlog import replace_file
 from toolbox.tuning.sweepfile import Sweep
 
 
@@ -33,8 +36,7 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} per epoch ({len(rows)} trials)")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(plots / "val_metric.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, plots / "val_metric.png")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     peak = 0.0
@@ -56,5 +58,43 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     )
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(plots / "lr_schedule.png", dpi=110, bbox_inches="tight")
+    _save(fig, plots / "lr_schedule.png")
+
+
+def plot_confirmation(table: list[dict], sweep: Sweep, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    """plots/confirm.png: each configuration's value per seed, and its mean with its 95 % interval."""
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(table) + 1.5))
+    for y, row in enumerate(table):
+        ax.scatter(row["values"], [y] * len(row["values"]), alpha=0.6, label="a seed" if y == 0 else None)
+        if not math.isnan(row["ci95_low"]):
+            ax.errorbar(
+                row["mean"],
+                y,
+                xerr=[[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]],
+                fmt="D",
+                color="black",
+                capsize=4,
+                label="mean, 95 % CI" if y == 0 else None,
+            )
+    ax.set_yticks(range(len(table)), [f"{r['trial_id']} (sweep #{r['sweep_rank']})" for r in table])
+    ax.invert_yaxis()
+    ax.set(xlabel=sweep.metric, title=f"{sweep.name}: the top {len(table)} configurations over seeds")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, plots / "confirm.png")
+
+
+def _save(fig, path: Path) -> None:
+    """The PNG whole or not at all (a full disk leaves the previous one)."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    replace_file(path, png.getvalue())

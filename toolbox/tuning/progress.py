@@ -9,6 +9,7 @@ import time
 from ray import tune
 
 from toolbox.training.epochlog import read_rows
+from toolbox.tuning import tune_fixes
 from toolbox.tuning.growth import in_space
 from toolbox.tuning.results import best_value
 from toolbox.tuning.sweepfile import Sweep
@@ -67,6 +68,9 @@ class Progress(tune.Callback):
         self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.local_path}/error.txt)")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        if tune_fixes.disk_full() is not None:  # the sweep stops: the trial continues when it is re-run
+            log.info("trial %s stopped: the disk is full", trial.trial_id)
+            return
         log.info("trial %s died (%d so far); retrying it from its latest checkpoint", trial.trial_id, trial.num_failures)
 
     def _line(self, trial, what: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,14 @@ import pyarrow.csv as pacsv
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from toolbox.config.flags import is_disk_full
 from toolbox.config.resolve import all_keys, changed_keys, flag
+from toolbox.training.checkpoint import META_FILE, STATE_FILE
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
 from toolbox.tuning.growth import in_space
 from toolbox.tuning.sweepfile import Sweep
+from toolbox.tuning.trial_dirs import TRIAL_DIR
 
 log = logging.getLogger("toolbox")
 
@@ -44,14 +46,14 @@ def trial_rows(
         epochs = int(history[-1]["epoch"]) if history else 0
         config = sweep.shown_config(result.config or {})
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
-        match = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
+        match = TRIAL_DIR.search(Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
         status, failures = (states or {}).get(trial_id, ("TERMINATED", 0))
         budget = (budgets or {}).get(trial_id, sweep.epochs)
-        if result.error or status == "ERROR":
-            outcome = "error"
-        elif status in ("RUNNING", "PENDING", "PAUSED"):
+        if status in ("RUNNING", "PENDING", "PAUSED"):  # also one waiting to retry after an error: it continues
             outcome = "interrupted"
+        elif result.error or status == "ERROR":
+            outcome = "error"
         elif not in_space(sweep, result.config):
             outcome = "outside"
         else:
@@ -126,18 +128,29 @@ def swept_keys(sweep: Sweep) -> list[str]:
 
 
 def _best_checkpoint(result, history: list[dict], sweep: Sweep) -> str | None:
-    """The kept checkpoint (Tune's, or a Train-in-Tune trial's own) whose epoch scored best."""
+    """The kept checkpoint (Tune's, or a Train-in-Tune trial's own) whose epoch scored best, the earliest such.
+
+    Only whole ones: a dir with both files, outside the hidden dirs where a copy is staged."""
     if not result.path:
         return None
     score = {row["epoch"]: row.get(sweep.metric) for row in history}
-    fs, kept = result.filesystem, []
+    fs, files = result.filesystem, {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(result.path, recursive=True, allow_not_found=True)):
-        if info.base_name == "meta.json":
-            with fs.open_input_stream(info.path) as meta:
-                value = score.get(json.loads(meta.read())["epoch"])
-            if value is not None:
-                kept.append((value if sweep.mode == "max" else -value, info.path.rsplit("/", 1)[0]))
-    return max(kept)[1] if kept else None
+        directory, _, name = info.path.rpartition("/")
+        if not any(part.startswith(".") for part in directory.removeprefix(result.path).split("/")):
+            files.setdefault(directory, set()).add(name)
+    kept = []
+    for directory, names in files.items():
+        if {META_FILE, STATE_FILE} <= names:
+            try:
+                with fs.open_input_stream(f"{directory}/{META_FILE}") as meta:
+                    epoch = json.loads(meta.read())["epoch"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if score.get(epoch) is not None:
+                value = score[epoch] if sweep.mode == "max" else -score[epoch]
+                kept.append((value, -epoch, directory))
+    return max(kept)[2] if kept else None
 
 
 def _plain(value: Any) -> Any:
@@ -184,6 +197,8 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
             for name in ("plots/val_metric.png", "plots/lr_schedule.png"):
                 mirror.push(out_dir, name)
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the results
+        if is_disk_full(exc):
+            raise
         log.warning("plots skipped: %s", exc)
     return summary
 

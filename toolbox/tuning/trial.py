@@ -7,7 +7,6 @@ Tune through ``TuneReportCallback`` (Ray 2.60's Train-in-Tune pattern).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from toolbox.training.checkpoint import first_whole
 from toolbox.training.epochlog import EpochLog
 from toolbox.training.failures import deterministic_cause, fail_once
 from toolbox.tuning.sweepfile import Sweep
+from toolbox.tuning.trial_dirs import keep_as_best, recover_best
 
-BEST_DIR = "best"
 # Custom resource that the Train-in-Tune trial function holds instead of a CPU (RAY-NOTES trap 8).
 TRAIN_DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
 
@@ -93,24 +92,6 @@ def _improves(value: float | None, earlier: list[float], mode: str) -> bool:
     return not earlier or (value > max(earlier) if mode == "max" else value < min(earlier))
 
 
-def _keep_as_best(checkpoint: Path, trial: Place) -> None:
-    """A copy of the trial's best checkpoint so far in best/ (Tune keeps only its latest ones).
-
-    Staged beside it and swapped in, so best/ is whole; what a process killed mid-swap left is removed first."""
-    best = trial.local / BEST_DIR
-    for leftover in trial.local.glob(f".{BEST_DIR}.*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staged, old = trial.local / f".{BEST_DIR}.partial", trial.local / f".{BEST_DIR}.old"
-    shutil.copytree(checkpoint, staged)
-    if best.exists():
-        best.rename(old)
-    staged.rename(best)
-    shutil.rmtree(old, ignore_errors=True)
-    if trial.mirror is not None:
-        for file in best.iterdir():
-            trial.mirror.push(trial.local, f"{BEST_DIR}/{file.name}")
-
-
 def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
     """The Tune session a one-process or fused trial reports through, and the checkpoint it continues from.
 
@@ -119,6 +100,7 @@ def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
 
     from toolbox.training.session import tune_session
 
+    recover_best(trial.local)
     session = tune_session(use_gpu=sweep.gpus_per_trial > 0)
     checkpoint = session.latest_checkpoint()
     exploited = checkpoint is not None and trial.local.name not in Path(checkpoint.path).parts  # PBT gave another trial's
@@ -126,12 +108,13 @@ def _tune_session(sweep: Sweep, epoch_log: EpochLog, trial: Place):
     live = LiveMetrics(sweep.name, tune.get_context().get_trial_name())
 
     def report_and_log(metrics: dict, checkpoint_dir: str | None) -> None:
-        earlier = [row[sweep.metric] for row in epoch_log.rows if row.get(sweep.metric) is not None]
+        # Epochs before this one: a retried epoch's own earlier row must not hide that it is the best.
+        earlier = [r[sweep.metric] for r in epoch_log.rows if r["epoch"] < metrics["epoch"] and r.get(sweep.metric) is not None]
         # Written before reporting: Tune may stop the trial inside report. The print goes to the actor's log.
         print(epoch_log.append(metrics), flush=True)
         live.record(metrics)
         if checkpoint_dir and _improves(metrics.get(sweep.metric), earlier, sweep.mode):
-            _keep_as_best(Path(checkpoint_dir), trial)
+            keep_as_best(Path(checkpoint_dir), trial)
         report(metrics, checkpoint_dir)
 
     def restored(state: dict) -> None:

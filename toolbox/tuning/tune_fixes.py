@@ -8,6 +8,8 @@
 - Restore: Tune's restore brings back the first run's scheduler, without its state, and ignores a
   larger spec; a ``growth.Growth`` given to ``grow_on_restore`` swaps in the current scheduler with
   the trials' epochs replayed, and adds what the spec grew by.
+- A full disk: a trial that fails on one ends the sweep as Ctrl-C would (every other trial and each
+  retry would fail the same way), and counts as no failure of the trial's: a re-run continues it.
 - Interruption: Tune catches Ctrl-C and returns from ``fit()`` as if the sweep had finished, marking
   the running trials TERMINATED; keep its event so the driver can tell.
 """
@@ -20,6 +22,7 @@ import time
 log = logging.getLogger("toolbox")
 _interrupted: list = []  # Tune's interruption events, one per fit()
 _growth: list = []  # the growth.Growth of the sweep this driver restores, if any
+_disk_full: list[BaseException] = []  # trial failures on a full disk
 
 
 def install() -> None:
@@ -27,8 +30,9 @@ def install() -> None:
         snapshot_after_every_change,
         wait_for_the_previous_upload,
         retry_crashes_only,
-        keep_the_interruption_event,
+        stop_on_a_full_disk,
         restore_with_growth,
+        keep_the_interruption_event,
     )
     for fix in fixes:
         try:
@@ -127,6 +131,37 @@ def restore_with_growth() -> None:
     TuneController._requeue_restored_trials = _requeue_restored_trials
 
 
+def stop_on_a_full_disk() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    from toolbox.config.flags import is_disk_full
+
+    process = TuneController._process_trial_failure
+    if getattr(process, "toolbox_stops_on_a_full_disk", False):
+        return
+
+    def _process_trial_failure(self, trial, exception):
+        if not is_disk_full(exception) or not _interrupted:
+            return process(self, trial, exception)
+        _disk_full.append(exception)
+        _interrupted[-1].set()  # fit()'s loop ends after this step, as on Ctrl-C
+        failures = trial.run_metadata.num_failures
+        limit, trial.max_failures = trial.max_failures, -1  # Tune's test: -1 recovers always
+        try:
+            return process(self, trial, exception)  # the trial waits, PENDING, to continue from its checkpoint
+        finally:
+            trial.max_failures = limit
+            trial.run_metadata.num_failures = failures
+
+    _process_trial_failure.toolbox_stops_on_a_full_disk = True
+    TuneController._process_trial_failure = _process_trial_failure
+
+
+def disk_full() -> BaseException | None:
+    """The first trial failure on a full disk, if the last ``fit()`` ended on one."""
+    return _disk_full[0] if _disk_full else None
+
+
 def keep_the_interruption_event() -> None:
     import ray.tune.tune as tune_module
 
@@ -137,6 +172,7 @@ def keep_the_interruption_event() -> None:
     def _setup_signal_catching():
         event = setup()
         _interrupted.append(event)
+        _disk_full.clear()
         return event
 
     _setup_signal_catching.toolbox_keeps = True
