@@ -134,9 +134,11 @@ def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the
     before = epochs_files(exp_dir)
 
     path.write_text(path.read_text().replace("[0.05, 0.02]", "[0.05, 1e-6]"))
+    killed_mid_way(args, after="1 new trials")
     grown = sweep(*args)
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
-    assert "space['lr']" in grown.stdout and "only new points run" in grown.stdout
+    record = json.loads((exp_dir / RECORD).read_text())
+    assert "space['lr']" in record["rounds"][0]["changes"][0] and "only new points run" in record["rounds"][0]["changes"][0]
 
     rows = list(rows_of(exp_dir).values())
     by_lr = {r["lr"]: r for r in rows}

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,22 +259,21 @@ def _with(tree: dict, path: tuple, value: Any) -> dict:
     return {**tree, head: _with(tree[head], tuple(rest), value) if rest else value}
 
 
-def grid_points(space: dict) -> list[tuple[dict, dict]]:
-    """Each point of the space's grids as (the space with those grids fixed, {path: value})."""
+def grid_points(space: dict) -> Iterator[tuple[dict, dict]]:
+    """Each point of the space's grids as (the space with those grids fixed, {path: value}), drawn lazily."""
     paths = _grid_paths(space)
-    points = []
     for values in itertools.product(*(_at(space, path)["grid_search"] for path in paths)):
         fixed = space
         for path, value in zip(paths, values):
             fixed = _with(fixed, path, value)
-        points.append((fixed, dict(zip(paths, values))))
-    return points
+        yield fixed, dict(zip(paths, values))
 
 
 class Growth:
-    """What a restored sweep adds inside Tune's restore: the current scheduler with its trials' epochs
-    replayed, the current progress callback, and, while a growth is pending, the trials that reached an earlier budget continued and
-    the trials the spec misses added; then Tune's snapshot is taken before the record says it is done."""
+    """What a restored sweep gets inside Tune's restore: the current scheduler, with its trials' epochs
+    replayed, and the current progress callback; while a growth is pending, also the trials that
+    reached an earlier budget continued and the trials the spec misses added, then Tune's snapshot
+    taken before the record says the growth is done."""
 
     def __init__(self, sweep: Sweep, record: Record, exp: Place, progress):
         self.sweep, self.record, self.exp, self.progress = sweep, record, exp, progress
