@@ -75,7 +75,7 @@ def build_parser(add_help: bool = True) -> Parser:
     runtime.add_argument(
         "--confirm", type=int, metavar="K", help="after the sweep: re-train its K best configurations over --seeds"
     )
-    runtime.add_argument("--seeds", type=int, default=3, metavar="S", help="seeds per configuration for --confirm (default: 3)")
+    runtime.add_argument("--seeds", type=int, metavar="S", help="seeds per configuration for --confirm (default: 3)")
     runtime.add_argument(
         "--grow-from", metavar="OLD_SWEEP", help="start this new sweep's searcher from OLD_SWEEP's results (same --storage)"
     )
@@ -103,10 +103,12 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     args.confirming = None
+    if args.seeds is not None and args.confirm is None:
+        raise ConfigError("--seeds: give it with --confirm K (the K best configurations, each over that many seeds)")
     if args.confirm is not None:  # the sweep as it ran; its re-trainings are a sweep of their own
         growth.refuse_changes(args.exp, sweep, "--confirm")
         args.confirming = (sweep, args.exp)
-        sweep, args.exp = confirm.confirmation(sweep, args.exp, args.confirm, args.seeds)
+        sweep, args.exp = confirm.confirmation(sweep, args.exp, args.confirm, 3 if args.seeds is None else args.seeds)
     args.record = growth.plan(args.exp, sweep, ran=not args.restart and kind_of(args.exp) == SWEEP)
     args.start_from = ((), ())
     if args.grow_from and (args.restart or kind_of(args.exp) != SWEEP):  # a new sweep; a re-run continues it
