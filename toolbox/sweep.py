@@ -158,7 +158,15 @@ def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, pr
 
     if tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
         log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp.path)
-        return tune.Tuner.restore(exp.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp.fs)
+        # The space again: Tune saves its sample_from functions as placeholders, which only it resolves.
+        return tune.Tuner.restore(
+            exp.path,
+            trainable,
+            param_space=dict(sweep.space),
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=exp.fs,
+        )
     max_concurrent = concurrency(sweep, cpus, gpus)
     return tune.Tuner(
         trainable,
@@ -258,7 +266,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         grid = tune.Tuner.restore(exp.path, trial, storage_filesystem=exp.fs).get_results()
     fit_s = time.time() - fit_started
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
-    rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp))
+    rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp))
     print(results.format_table(rows, sweep), flush=True)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
@@ -288,7 +296,11 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
-    if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
+    if (
+        tune_fixes.was_interrupted()
+        or any(r["status"] in ("interrupted", "paused") for r in rows)
+        or len(rows) < sweep.total_trials
+    ):
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         how, code = signals.interruption()
         print(
@@ -305,7 +317,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for row in errored[:5]:
-            print(f"  trial {row['trial_id']}: {row['error'] or 'no error recorded'}", file=sys.stderr)
+            values = ", ".join(f"{key}={row[key]!r}" for key in results.swept_keys(sweep) if row[key] is not None)
+            print(f"  trial {row['trial_id']} ({values}): {row['error'] or 'no error recorded'}", file=sys.stderr)
         if len(errored) > 5:
             print(f"  ... {len(errored) - 5} more in results.csv (its error column)", file=sys.stderr)
         return 1

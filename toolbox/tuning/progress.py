@@ -63,7 +63,7 @@ class Progress(tune.Callback):
         self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.local_path}/error.txt)")
+        self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.path}/error.txt)")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         log.info("trial %s died (%d so far); retrying it from its latest checkpoint", trial.trial_id, trial.num_failures)
