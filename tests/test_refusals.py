@@ -214,6 +214,11 @@ SWEEP_FILE = [
     ("empty-int-range", 'space = {"batch_size": tune.randint(8, 8)}', "space['batch_size']: the range [8, 8) is empty"),
     ("choice-wrong-type", 'space = {"lr": tune.choice([1e-3, "fast"])}', "--lr: expected a number > 0, got 'fast'"),
     ("choice-refused-value", 'space = {"ff_hidden_sizes": tune.choice([(0,)])}', "--ff-hidden-sizes must be > 0, got 0"),
+    (
+        "grid-last-value",
+        'space = {"lr": tune.grid_search([1e-3 * (1 + i / 1e5) for i in range(99_999)] + [-1.0])}',
+        "space['lr']: --lr must be > 0, got -1",
+    ),
     ("per-component-empty", 'space = {"lr": {"adamw": tune.choice([])}}', "space['lr']['adamw']: tune.choice([]) has no values"),
     ("lr-inf", 'space = {"lr": float("inf")}', "--lr must be a finite number, got inf"),
     ("num-samples-zero", 'space = {"lr": 0.1}\nnum_samples = 0', "num_samples must be > 0, got 0"),

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_same_weights, latest_state, run_cli, start_cli, train_locally
+from helpers import ROOT, assert_same_weights, latest_state, python_env, run_cli, start_cli, train_locally
 
 from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
@@ -292,25 +293,34 @@ def test_ctrl_c_of_a_sweep_exits_130_the_same_command_finishes_it_and_the_retrai
 
 @pytest.mark.timeout(300)
 def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
-    """One trial's weight decay comes from sample_from (unchecked before Ray) and is refused in the trial."""
+    """Two trials' values come from sample_from (unchecked before Ray), a negative weight decay and a batch size
+    given as text: each is refused in its trial, once (not retried, though max_failures is 2), with its reason."""
     path = write_sweep(
         tmp_path,
         """\
-        space = {"lr": tune.grid_search([1e-3, 2e-3]),
-                 "weight_decay": tune.sample_from(lambda spec: -1.0 if spec.config.lr > 1.5e-3 else 0.0)}
-        max_failures = 0
+        space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3]),
+                 "weight_decay": tune.sample_from(lambda spec: -1.0 if spec.config.lr == 2e-3 else 0.0),
+                 "batch_size": tune.sample_from(lambda spec: "32" if spec.config.lr == 3e-3 else 32)}
+        max_concurrent = 1
         epochs = 1
         """,
     )
     done = sweep(str(path), "--storage", str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    summary, cause = done.stderr.strip().splitlines()[-2:]
-    assert "1 of 2 trials errored" in summary
-    assert "ConfigError: --weight-decay must be >= 0, got -1" in cause, cause  # why, not only how many
+    summary, *causes = done.stderr.strip().splitlines()[-3:]
+    assert "2 of 3 trials errored" in summary
+    # why, not only how many; and the values of the trial
+    assert any("lr=0.002" in c and "ConfigError: --weight-decay must be >= 0, got -1" in c for c in causes), causes
+    assert any("lr=0.003" in c and "ConfigError: --batch-size: expected an integer > 0, got '32'" in c for c in causes), causes
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
-    assert sorted(r["status"] for r in rows) == ["done", "error"]
+    assert sorted(r["status"] for r in rows) == ["done", "error", "error"]
     assert [r["error"] for r in rows if r["status"] == "done"] == [None]
-    assert [r["trial_id"] for r in rows if r["status"] == "error"][0] in cause
+    assert "plots skipped" not in done.stdout, done.stdout[-3000:]  # a trial that never trained has no LR schedule
+    for row in rows:
+        if row["status"] == "error":
+            assert row["retries"] == 0 and "not retried" in row["error"], row
+            assert row["trial_id"] in "".join(causes)
+            assert (Path(row["trial_dir"]) / "error.txt").read_text().count("Failure # ") == 1
 
 
 def assert_no_ray_dump(out: str) -> None:
@@ -421,3 +431,73 @@ def test_a_sweep_on_a_full_disk_ends_with_the_disk_line_and_once_space_is_freed_
     assert best["checkpoint"] == rows[0]["checkpoint"]
     load_state(best["checkpoint"])
     assert not [p for p in sweep_disk.rglob("*") if p.name.startswith(".best.") or p.name.endswith(".partial")]
+
+
+HOG = """\
+import time as _time
+
+import psutil as _psutil
+import torch as _torch
+from torch import nn as _nn
+from ray import tune
+
+from toolbox.components.models import MODELS as _MODELS
+
+
+class MemoryHog(_nn.Module):
+    def __init__(self, width, classes, stop_at):
+        super().__init__()
+        self.linear, self.stop_at, self.held = _nn.Linear(width, classes), stop_at, []
+
+    def forward(self, x):
+        if self.training and self.stop_at and not self.held:  # its first training step
+            while _psutil.virtual_memory().percent < 100 * self.stop_at:
+                self.held.append(_torch.ones(2**25))  # 128 MiB, written
+                _time.sleep(0.01)
+        return self.linear(x.flatten(1))
+
+
+@_MODELS.register("MemoryHog", prefix="hog")
+def memory_hog(sample_shape, num_classes, /, *, stop_at: float = 0.0):
+    \"\"\"Linear; with stop_at, its first training step holds memory until the host's in use reaches that fraction.\"\"\"
+    return MemoryHog(sample_shape[0], num_classes, stop_at)
+
+
+base = {"dataset": "DummyDataset", "dummy_n_samples": 256, "dummy_val_n_samples": 64, "dummy_input_shape": (16,),
+        "batch_size": 32, "arch": "MemoryHog"}
+space = {"hog_stop_at": tune.grid_search([0.0, STOP_AT, 0.0])}
+num_samples, epochs, trial_scheduler, max_concurrent = 1, 2, "fifo", 1
+"""
+
+
+@pytest.mark.timeout(420)
+def test_a_trial_killed_for_memory_fails_alone_and_a_re_run_does_not_repeat_it(tmp_path):
+    """Ray's memory monitor, at a threshold above what the host uses now, kills the one trial that holds
+    ever more memory; the trial after it runs, the results are written, and a re-run does not start it again."""
+    in_use = psutil.virtual_memory().percent / 100
+    if in_use > 0.55:
+        pytest.skip(f"the host already uses {in_use:.0%} of its memory")
+    threshold = in_use + 0.25  # room for this sweep's Ray, driver and trial processes, and for others' to grow
+    path = tmp_path / "hog.py"
+    stop_at = round(threshold + 0.1, 3)  # the hog stops there, if never killed
+    path.write_text(HOG.replace("STOP_AT", repr(stop_at)))
+    env = python_env(RAY_memory_usage_threshold=f"{threshold:.3f}", RAY_memory_monitor_refresh_ms="100")
+    command = [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)]
+    exp_dir = tmp_path / "hog"
+
+    for attempt in ("first", "re-run"):
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, (attempt, done.stdout[-3000:] + done.stderr[-3000:])
+        summary, cause = done.stderr.strip().splitlines()[-2:]
+        assert "1 of 3 trials errored" in summary, (attempt, done.stderr[-3000:])
+        assert f"(hog_stop_at={stop_at!r}): out of memory: Ray's memory monitor killed the trial's process" in cause
+        assert "which held" in cause and "not retried" in cause, cause
+        rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+        assert sorted(r["status"] for r in rows) == ["done", "done", "error"], rows
+        assert all(r["epochs"] == 2 for r in rows if r["status"] == "done")
+        killed = next(r for r in rows if r["status"] == "error")
+        assert killed["error"].startswith("out of memory: ") and killed["retries"] == 0, killed
+        assert killed["trial_id"] in cause and (exp_dir / "best.json").is_file()
+        starts = {d.name: (d / "training.log").read_text().count("trial started") for d in trial_dirs(exp_dir)}
+        assert sorted(starts.values()) == [1, 1, 1], (attempt, starts)  # the killed trial was not retried, nor re-run
+    assert "continuing sweep" in done.stdout

@@ -272,3 +272,62 @@ def test_a_regression_sweep_ranks_by_its_error_metrics_own_mode(tmp_path):
     assert [r["lr"] for r in rows] == [3e-2, 1e-7] and errors == sorted(errors), "the lowest error ranks first"
     best = json.loads((tmp_path / "regression" / "best.json").read_text())
     assert (best["mode"], best["value"], best["config"]["criterion"]) == ("min", min(errors), "mse_loss")
+
+
+@pytest.mark.timeout(300)
+def test_a_hyperband_sweep_whose_trials_all_finished_exits_0(tmp_path):
+    """HyperBand pauses trials at its rungs; a trial it paused that then finished was saved as PAUSED, read as interrupted."""
+    path = write(
+        tmp_path,
+        """\
+        space = {"lr": tune.grid_search([3e-2, 1e-2, 1e-3, 1e-7, 1e-7, 1e-7])}
+        epochs = 4
+        trial_scheduler = "hyperband"
+        """,
+        "hyperband",
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "hyperband" / "results.parquet").to_pylist()
+    assert len(rows) == 6 and all(r["status"] in ("done", "stopped") for r in rows), rows
+    assert "interrupted" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_grid_of_a_hundred_thousand_points_starts_at_once_and_its_bad_point_fails_alone(tmp_path):
+    """Tune drew every point of a grid before its first trial; each point is drawn as its trial starts, and
+    one whose drawn value is refused fails alone, not retried. Ctrl-C once a good trial finished ends it."""
+    path = write(
+        tmp_path,
+        """\
+        space = {"weight_decay": tune.grid_search([i * 1e-9 for i in range(100_000)]),
+                 "lr": tune.sample_from(lambda spec: -1.0 if spec.config.weight_decay == 0 else 1e-3)}
+        epochs = 1
+        trial_scheduler = "fifo"
+        max_concurrent = 1
+        """,
+        "huge",
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
+        cwd=ROOT,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in driver.stdout:  # the pytest timeout bounds this wait
+        lines.append(line)
+        if line.startswith("[2/100000] trial "):
+            break
+    os.kill(driver.pid, signal.SIGINT)
+    out = "".join(lines) + driver.communicate(timeout=120)[0]
+    assert driver.returncode == 130, out[-3000:]
+    assert re.search(r"^\[1/100000\] trial \S+ FAILED after 0 retries", out, re.MULTILINE), out[-3000:]
+    rows = pq.read_table(tmp_path / "huge" / "results.parquet").to_pylist()
+    bad = [r for r in rows if r["weight_decay"] == 0]
+    assert len(bad) == 1 and bad[0]["status"] == "error" and bad[0]["retries"] == 0, bad
+    assert "--lr must be > 0, got -1" in bad[0]["error"] and "not retried" in bad[0]["error"], bad[0]["error"]
+    assert any(r["status"] == "done" for r in rows), rows

@@ -8,6 +8,7 @@ STORAGE/NAME/ gets results.parquet, results.csv, best.json and plots/*.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -179,7 +180,15 @@ def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, pr
     tidy(exp, restoring)
     if restoring:
         log.info("continuing sweep %s from %s (--restart starts afresh)", sweep.name, exp.path)
-        return tune.Tuner.restore(exp.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp.fs)
+        restore = functools.partial(
+            tune.Tuner.restore, exp.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp.fs
+        )
+        try:  # the space again: Tune saves its sample_from functions as placeholders, which only it resolves
+            return restore(param_space=dict(sweep.space))
+        except ValueError as exc:  # a space grown by a key, which Tune refuses: the new trials draw from the sweep's own
+            if "param_space" not in str(exc):
+                raise
+            return restore()
     max_concurrent = concurrency(sweep, cpus, gpus)
     return tune.Tuner(
         trainable,
@@ -281,7 +290,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         grid = tune.Tuner.restore(exp.path, trial, storage_filesystem=exp.fs).get_results()
     fit_s = time.time() - fit_started
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
-    rows = results.trial_rows(grid, sweep, progress.startup_s, results.trial_states(exp), args.record.budgets)
+    rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
     if args.confirming:
         confirmed = confirm.summarize(rows, sweep, *args.confirming)
@@ -315,8 +324,9 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
+    unfinished = sum(r["status"] in ("interrupted", "paused") for r in rows)
     in_space = sum(r["status"] != "outside" for r in rows)
-    if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or in_space < sweep.total_trials:
+    if tune_fixes.was_interrupted() or unfinished or in_space < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         kept = f"{exp_dir} keeps {finished} finished trials and every trial's checkpoints"
         if tune_fixes.disk_full() is not None:
@@ -333,7 +343,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for row in errored[:5]:
-            print(f"  trial {row['trial_id']}: {row['error'] or 'no error recorded'}", file=sys.stderr)
+            values = ", ".join(f"{key}={row[key]!r}" for key in results.swept_keys(sweep) if row[key] is not None)
+            print(f"  trial {row['trial_id']} ({values}): {row['error'] or 'no error recorded'}", file=sys.stderr)
         if len(errored) > 5:
             print(f"  ... {len(errored) - 5} more in results.csv (its error column)", file=sys.stderr)
         return 1

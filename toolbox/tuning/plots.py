@@ -42,6 +42,8 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     peak = 0.0
     for rank, row in enumerate(rows[:top]):
         history = row["history"]
+        if not history:  # it never trained (its drawn values were refused, say): no schedule to show
+            continue
         config = row["config"]
         steps = history[0].get("steps_per_epoch") if history else None
         steps = steps or 100

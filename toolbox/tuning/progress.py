@@ -65,7 +65,7 @@ class Progress(tune.Callback):
         self._line(trial, "done" if self.epochs.get(trial.trial_id, 0) >= self.sweep.epochs else "stopped early")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.local_path}/error.txt)")
+        self._line(trial, f"FAILED after {trial.num_failures - 1} retries (see {trial.path}/error.txt)")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         if tune_fixes.disk_full() is not None:  # the sweep stops: the trial continues when it is re-run

@@ -30,31 +30,37 @@ def trial_rows(
     result_grid,
     sweep: Sweep,
     startup_s: dict[str, float] | None = None,
-    states: dict[str, tuple[str, int]] | None = None,
+    saved: dict | None = None,
     budgets: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per trial, best first: its swept values, best metric, epochs run, budget, retries, time, checkpoint.
 
-    ``states`` is each trial's Tune status and failure count; a trial still running or pending
-    when the sweep ended is "interrupted". ``budgets`` holds the epochs of trials that a grown
-    sweep left at an earlier budget; the others have the sweep's. A trial that a grown space no
-    longer holds is "outside"."""
+    ``saved`` is each trial as Tune saved it (``saved_trials``): its status and failure count, and its
+    config where no result carries it; a trial still running or pending when the sweep ended is
+    "interrupted", one its scheduler paused (HyperBand) "paused". ``budgets`` holds the epochs of
+    trials that a grown sweep left at an earlier budget; the others have the sweep's. A trial that a
+    grown space no longer holds is "outside"."""
     rows = []
     for result in result_grid:
         history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
         best = best_value(history, sweep)
         epochs = int(history[-1]["epoch"]) if history else 0
-        config = sweep.shown_config(result.config or {})
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
         match = TRIAL_DIR.search(Path(result.path or "").name)
         trial_id = match.group(1) if match else (result.metrics or {}).get("trial_id", "?")
-        status, failures = (states or {}).get(trial_id, ("TERMINATED", 0))
+        trial = (saved or {}).get(trial_id)
+        status, failures = (trial.status, trial.num_failures) if trial else ("TERMINATED", 0)
+        # A restored trial that never reported (it errored at once) has no config in its result.
+        params = result.config or (trial.config if trial else {})
+        config = sweep.shown_config(params)
         budget = (budgets or {}).get(trial_id, sweep.epochs)
-        if status in ("RUNNING", "PENDING", "PAUSED"):  # also one waiting to retry after an error: it continues
+        if status == "PAUSED":
+            outcome = "paused"
+        elif status in ("RUNNING", "PENDING"):  # also one waiting to retry after an error: it continues
             outcome = "interrupted"
         elif result.error or status == "ERROR":
             outcome = "error"
-        elif not in_space(sweep, result.config):
+        elif not in_space(sweep, params):
             outcome = "outside"
         else:
             outcome = "done" if epochs >= budget else "stopped"
@@ -64,7 +70,7 @@ def trial_rows(
                 "status": outcome,
                 "retries": failures - 1 if outcome == "error" else failures,
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
-                **{key: _plain(config.get(key, (result.config or {}).get(key))) for key in swept_keys(sweep)},
+                **{key: _plain(config.get(key, params.get(key))) for key in swept_keys(sweep)},
                 sweep.metric: best,
                 "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
                 "epochs": epochs,
@@ -96,10 +102,9 @@ def best_value(history: list[dict], sweep: Sweep) -> float:
     return (max if sweep.mode == "max" else min)(values) if values else math.nan
 
 
-def trial_states(exp) -> dict[str, tuple[str, int]]:
-    """Each trial's status and failure count, as Tune saved them in the sweep dir (a ``Place``): after
-    Ctrl-C, Tune's live trials all read TERMINATED, but its last snapshot still has the interrupted
-    ones RUNNING or PENDING."""
+def saved_trials(exp) -> dict:
+    """Each trial as Tune saved it in the sweep dir (a ``Place``), by id: after Ctrl-C, Tune's live
+    trials all read TERMINATED, but its last snapshot still has the interrupted ones RUNNING or PENDING."""
     from ray.tune import ExperimentAnalysis
 
     try:
@@ -107,7 +112,7 @@ def trial_states(exp) -> dict[str, tuple[str, int]]:
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("no trial states in %s: %s", exp.path, exc)
         return {}
-    return {t.trial_id: (t.status, t.num_failures) for t in trials}
+    return {t.trial_id: t for t in trials}
 
 
 def error_line(error: BaseException | None) -> str | None:
@@ -162,7 +167,18 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         return None
-    columns = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items() if k != "history"} for r in rows]
+    # A refused trial's values as drawn (text among numbers) make their column JSON, like lists.
+    mixed = {
+        k for k in swept_keys(sweep) if len({float if type(r[k]) is int else type(r[k]) for r in rows if r[k] is not None}) > 1
+    }
+    columns = [
+        {
+            k: (json.dumps(v) if isinstance(v, (list, dict)) or (k in mixed and v is not None) else v)
+            for k, v in r.items()
+            if k != "history"
+        }
+        for r in rows
+    ]
     table = pa.Table.from_pylist(columns)
     for name, writer in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
         buffer = pa.BufferOutputStream()

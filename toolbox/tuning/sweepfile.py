@@ -12,7 +12,9 @@ A sweep file sets module-level names (every one is optional except ``space``)::
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
 
-Everything is checked here, before Ray starts: a typo must not cost a 30-minute sweep.
+Everything is checked here, before Ray starts: a typo must not cost a 30-minute sweep. Every value a grid
+or choice lists is checked by its key's rule, and up to 512 of their crossings as whole trials; every trial
+checks its own values as it draws them, and one refused fails alone.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ def check(sweep: Sweep, where: str) -> None:
     for key, value in sweep.space.items():
         registry = owner(key)
         _check_domain(value, f"{where}: space[{key!r}]")
+        _check_listed_values(key, value, f"{where}: space[{key!r}]")
         if isinstance(value, dict) and not _is_grid(value):
             takers = registry.owners(key) if registry else []
             for component in value:
@@ -270,6 +273,49 @@ def _check_domain(value: Any, where: str) -> None:
     if isinstance(value, dict) and not _is_grid(value):
         for component, sub in value.items():
             _check_domain(sub, f"{where}[{component!r}]")
+
+
+def _check_listed_values(key: str, domain: Any, where: str, component: str | None = None) -> None:
+    """Each value a grid or choice lists, once, by its key's rule: a list of any length is checked whole here,
+    its crossings with the other keys point by point as trials draw them."""
+    from ray.tune.search.sample import Categorical
+
+    if isinstance(domain, dict) and not _is_grid(domain):  # per-component values: each by its component's rule
+        for name, sub in domain.items():
+            _check_listed_values(key, sub, f"{where}[{name!r}]", name)
+        return
+    values = domain["grid_search"] if _is_grid(domain) else domain.categories if isinstance(domain, Categorical) else []
+    rules = _rules(key, component)
+    checked: set[str] = set()
+    for value in values:
+        if repr(value) in checked:
+            continue
+        checked.add(repr(value))
+        refusals = []
+        for rule in rules:
+            try:
+                coerce(key, rule, value)
+                break
+            except ConfigError as exc:
+                refusals.append(exc)
+        else:
+            if refusals:
+                raise ConfigError(f"{where}: {refusals[0]}")
+
+
+def _rules(key: str, component: str | None = None) -> list:
+    """The value rules of ``key``: its option's, or those of the components that take it (``component``'s alone if given)."""
+    option = next((o for o in TRAINING_OPTIONS if o.key == key), None)
+    if option is not None:
+        return [option.type]
+    return [
+        p.annotation
+        for registry in KINDS
+        for taker in registry
+        if component is None or taker.name == component
+        for p in taker.params
+        if p.key == key
+    ]
 
 
 def _check_fields(sweep: Sweep, where: str) -> None:

@@ -3,8 +3,18 @@
 - Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take.
 - Staging race: Tune rewrites its local staging dir while a background thread is still uploading
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
+- Killed trials: an actor task that fails with a Ray error other than an actor's or a task's (a
+  trial's process killed by Ray's memory monitor raises ``OutOfMemoryError``) escapes Tune's actor
+  manager and ends the whole sweep; take it as the death of that trial's actor. A trial killed for
+  memory fails at once: at the same config a retry needs the same memory.
 - Retries: Tune retries every failed trial; one whose failure a retry would repeat
-  (``DeterministicFailure``) fails at once.
+  (``DeterministicFailure``) fails at once, and a re-run of the sweep, which resumes errored
+  trials, leaves it failed.
+- Stale statuses: Tune's snapshot holds each trial's status as of the last time it marked that trial
+  for saving, and a change of status alone does not mark it: a trial HyperBand paused and that then
+  finished was saved as PAUSED; mark the trial at every change of status.
+- Grid points: Tune draws every point of a grid before its first trial starts (a grid of 10^5
+  values never gets to one); draw them as trials start (``lazy_grid``).
 - Restore: Tune's restore brings back the first run's scheduler, without its state, and ignores a
   larger spec; a ``growth.Growth`` given to ``grow_on_restore`` swaps in the current scheduler with
   the trials' epochs replayed, and adds what the spec grew by.
@@ -17,7 +27,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
+
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
+
+from toolbox.training.failures import DeterministicFailure, deterministic_cause
 
 log = logging.getLogger("toolbox")
 _interrupted: list = []  # Tune's interruption events, one per fit()
@@ -29,9 +45,13 @@ def install() -> None:
     fixes = (
         snapshot_after_every_change,
         wait_for_the_previous_upload,
+        save_every_status_change,
+        fail_the_trial_of_a_killed_actor,
         retry_crashes_only,
         stop_on_a_full_disk,
+        resume_crashes_only,
         restore_with_growth,
+        draw_grid_points_lazily,
         keep_the_interruption_event,
     )
     for fix in fixes:
@@ -86,10 +106,64 @@ def wait_for_the_previous_upload() -> None:
     manager.sync_up_experiment_state = sync_up_experiment_state
 
 
-def retry_crashes_only() -> None:
+def save_every_status_change() -> None:
     from ray.tune.execution.tune_controller import TuneController
 
-    from toolbox.training.failures import deterministic_cause
+    set_status = TuneController._set_trial_status
+    if getattr(set_status, "toolbox_saves", False):
+        return
+
+    def _set_trial_status(self, trial, status):
+        set_status(self, trial, status)
+        self._mark_trial_to_checkpoint(trial)
+
+    _set_trial_status.toolbox_saves = True
+    TuneController._set_trial_status = _set_trial_status
+
+
+class KilledForMemory(RayActorError):
+    """A trial's actor that Ray's memory monitor killed; its ``cause`` says so in one line, and is not retried."""
+
+    def __init__(self, line: str):
+        super().__init__(error_msg=line)
+        self.cause = DeterministicFailure(line)
+
+
+def memory_line(message: str) -> str:
+    """Ray's memory monitor's report of a kill, in one line: what the process held, what the node used."""
+    held = re.search(r"Selected to kill:.*?actual memory used=([\d.]+\w?B)", message, re.DOTALL)
+    node = re.search(r"was ([\d.]+\w?B) used / ([\d.]+\w?B) limit", message)
+    threshold = re.search(r"threshold of \d+B \(([\d.]+%) of", message)
+    line = "out of memory: Ray's memory monitor killed the trial's process"
+    if held:
+        line += f", which held {held.group(1)}"
+    if node:
+        line += f" (the node used {node.group(1)} of {node.group(2)}" + (
+            f", over its {threshold.group(1)} threshold)" if threshold else ")"
+        )
+    return line
+
+
+def fail_the_trial_of_a_killed_actor() -> None:
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    failed = RayActorManager._actor_task_failed
+    if getattr(failed, "toolbox_fails_the_trial", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, OutOfMemoryError):
+            exception = KilledForMemory(memory_line(str(exception)))
+        elif not isinstance(exception, (RayActorError, RayTaskError)):
+            exception = RayActorError(error_msg=f"{type(exception).__name__}: {exception}")
+        return failed(self, tracked_actor_task, exception)
+
+    _actor_task_failed.toolbox_fails_the_trial = True
+    RayActorManager._actor_task_failed = _actor_task_failed
+
+
+def retry_crashes_only() -> None:
+    from ray.tune.execution.tune_controller import TuneController
 
     process = TuneController._process_trial_failure
     if getattr(process, "toolbox_retries_crashes_only", False):
@@ -160,6 +234,45 @@ def stop_on_a_full_disk() -> None:
 def disk_full() -> BaseException | None:
     """The first trial failure on a full disk, if the last ``fit()`` ended on one."""
     return _disk_full[0] if _disk_full else None
+
+
+def resume_crashes_only() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    requeue = TuneController._requeue_restored_trials
+    if getattr(requeue, "toolbox_resumes_crashes_only", False):
+        return
+
+    def _requeue_restored_trials(self, trials, resume_config):
+        final = [t for t in trials if t.status == "ERROR" and _failed_for_good(t)]
+        for trial in final:  # kept ERROR, as Tune keeps an errored trial it does not resume
+            self.add_trial(trial)
+        return requeue(self, [t for t in trials if t not in final], resume_config)
+
+    _requeue_restored_trials.toolbox_resumes_crashes_only = True
+    TuneController._requeue_restored_trials = _requeue_restored_trials
+
+
+def _failed_for_good(trial) -> bool:
+    """Whether a restored trial's last failure was one that a retry would repeat."""
+    try:
+        error = trial.get_pickled_error()
+    except Exception as exc:  # noqa: BLE001 - an error that no longer loads: resume the trial, as Tune would
+        log.debug("trial %s: its error does not load (%s); resuming it", trial.trial_id, exc)
+        return False
+    return error is not None and deterministic_cause(error) is not None
+
+
+def draw_grid_points_lazily() -> None:
+    from ray.tune.search import basic_variant
+
+    from toolbox.tuning.lazy_grid import Variants, grid_points
+
+    if basic_variant._VariantIterator is Variants:
+        return
+    basic_variant.generate_variants = grid_points
+    basic_variant._VariantIterator = Variants
+    basic_variant.SERIALIZATION_THRESHOLD = math.inf  # above it Tune draws lazily itself, but saves no state to resume from
 
 
 def keep_the_interruption_event() -> None:
