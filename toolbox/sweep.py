@@ -29,8 +29,8 @@ from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
-from toolbox.tuning import confirm, growth, results
-from toolbox.tuning.fused_trials import FUSED_SLOT, start_workers
+from toolbox.tuning import confirm, growth, outcome, results
+from toolbox.tuning.fused_trials import FUSED_SLOT, fall_back_unless_fusable, start_workers
 from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 from toolbox.tuning.trial_dirs import tidy
@@ -132,25 +132,6 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     return sweep, args
 
 
-def _fall_back_unless_fusable(sweep: Sweep, data, address: str | None) -> None:
-    """``fuse`` only where every trial can fuse; else each trial runs in its own process, said in one line."""
-    from toolbox.data.splits import DatasetSplits
-    from toolbox.training.fused import fusable
-
-    reason = None
-    if address:
-        reason = "trials cannot fuse with --address (fusing needs the private local Ray: its worker holds a custom resource)"
-    elif isinstance(data, DatasetSplits):
-        reason = "trials cannot fuse (the dataset is map-style splits, read through a DataLoader per trial, not shared tensors)"
-    elif sweep.trial_scheduler == "hyperband":
-        reason = "trials cannot fuse (HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed)"
-    for params in candidate_params(sweep.space):
-        reason = reason or fusable([sweep.trial_config(params)], data.spec)
-    if reason:  # one trial that cannot fuse unfuses them all: per-trial seats would change the sweep's resources
-        log.info("fuse = %d: %s; each trial runs in its own process", sweep.fuse, reason)
-        sweep.fuse = 0
-
-
 def concurrency(sweep: Sweep, cpus: float, gpus: float) -> int:
     if sweep.max_concurrent:
         return sweep.max_concurrent
@@ -231,7 +212,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if any(sweep.trial_config(p)["precision"] == "bf16-mixed" for p in candidate_params(sweep.space)):
         warn_if_bf16_is_slow({"precision": "bf16-mixed"}, sweep.gpus_per_trial > 0)
     if sweep.trials_fused:
-        _fall_back_unless_fusable(sweep, data, args.address)
+        fall_back_unless_fusable(sweep, data, args.address)
     exp = args.exp
     exp_dir = exp.local
     args.lock = DirLock(exp_dir, "sweep")
@@ -293,9 +274,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
     if args.confirming:
-        confirmed = confirm.summarize(rows, sweep, *args.confirming)
-        print(confirm.format_table(confirmed, args.confirming[0]), flush=True)
-        log.info(confirm.verdict(confirmed, args.confirming[0]))
+        confirm.report(rows, sweep, *args.confirming)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
         written = pool.submit(results.write, rows, sweep, exp_dir, exp.mirror)
@@ -324,31 +303,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             best["checkpoint"],
         )
         log.info("re-train it with:\n  %s", best["command"])
-    unfinished = sum(r["status"] in ("interrupted", "paused") for r in rows)
-    in_space = sum(r["status"] != "outside" for r in rows)
-    if tune_fixes.was_interrupted() or unfinished or in_space < sweep.total_trials:
-        finished = sum(r["status"] in ("done", "stopped") for r in rows)
-        kept = f"{exp_dir} keeps {finished} finished trials and every trial's checkpoints"
-        if tune_fixes.disk_full() is not None:
-            print(f"toolbox.sweep: failed: {describe_failure(tune_fixes.disk_full())}; {kept}", file=sys.stderr)
-            return 1
-        how, code = signals.interruption()
-        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
-        return code
-    errored = [r for r in rows if r["status"] == "error"]
-    if errored:
-        print(
-            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored: a crash after {sweep.max_failures} retries, "
-            f"a failure that a retry would repeat at once (their error.txt is in {exp_dir}/<trial>/); the results hold the others",
-            file=sys.stderr,
-        )
-        for row in errored[:5]:
-            values = ", ".join(f"{key}={row[key]!r}" for key in results.swept_keys(sweep) if row[key] is not None)
-            print(f"  trial {row['trial_id']} ({values}): {row['error'] or 'no error recorded'}", file=sys.stderr)
-        if len(errored) > 5:
-            print(f"  ... {len(errored) - 5} more in results.csv (its error column)", file=sys.stderr)
-        return 1
-    return 0
+    return outcome.said(rows, sweep, exp_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

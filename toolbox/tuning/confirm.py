@@ -149,6 +149,13 @@ def _write(table: list[dict], sweep: Sweep, exp: Place) -> None:
             exp.mirror.push(exp.local, name)
 
 
+def report(rows: list[dict], confirm: Confirmation, sweep: Sweep, exp: Place) -> None:
+    """The confirmation's files, its table, and whether the sweep's winner held."""
+    table = summarize(rows, confirm, sweep, exp)
+    print(format_table(table, sweep), flush=True)
+    log.info(verdict(table, sweep))
+
+
 def format_table(table: list[dict], sweep: Sweep) -> str:
     lines = [
         f"{'rank':<5} {'trial':<14} {'sweep rank':<11} {'mean ' + sweep.metric:<{len(sweep.metric) + 6}} {'std':<8} {'95 % CI':<20} seeds"

@@ -10,15 +10,42 @@ peers: trials come and go at Tune's pace, and the stack must outlive any one of 
 
 from __future__ import annotations
 
+import logging
 import queue
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolbox.tuning.sweepfile import Sweep
+
+log = logging.getLogger("toolbox")
 
 FUSED_SLOT = "TOOLBOX_FUSED_SLOT"  # custom resource: a trial's seat in a worker's group
 WAIT_FOR_TRIAL_S = 120.0  # a trial that takes no epoch for this long has gone: its member leaves
+
+
+def fall_back_unless_fusable(sweep: Sweep, data, address: str | None) -> None:
+    """``fuse`` only where every trial can fuse; else each trial runs in its own process, said in one line."""
+    from toolbox.data.splits import DatasetSplits
+    from toolbox.training.fused import fusable
+    from toolbox.tuning.sweepfile import candidate_params
+
+    reason = None
+    if address:
+        reason = "trials cannot fuse with --address (fusing needs the private local Ray: its worker holds a custom resource)"
+    elif isinstance(data, DatasetSplits):
+        reason = "trials cannot fuse (the dataset is map-style splits, read through a DataLoader per trial, not shared tensors)"
+    elif sweep.trial_scheduler == "hyperband":
+        reason = "trials cannot fuse (HyperBand pauses trials, and a member whose trial Tune paused past its rung is not resumed)"
+    for params in candidate_params(sweep.space):
+        reason = reason or fusable([sweep.trial_config(params)], data.spec)
+    if reason:  # one trial that cannot fuse unfuses them all: per-trial seats would change the sweep's resources
+        log.info("fuse = %d: %s; each trial runs in its own process", sweep.fuse, reason)
+        sweep.fuse = 0
 
 
 def worker_name(sweep: str, index: int) -> str:
