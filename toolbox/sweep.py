@@ -95,7 +95,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.restart and kind_of(args.exp) != SWEEP and not holds_nothing(args.exp):
         raise ConfigError(f"--restart: {args.exp.path} holds no sweep (no Tune experiment state), so it is not deleted")
     if args.address:
-        check_address(args.address)
+        args.address = check_address(args.address)
     if not sweep.trials_in_process and not args.address and not (args.dashboard and cluster.dashboard_available()):
         why = "is off (--no-dashboard)" if not args.dashboard else "is not installed (pip install 'ray[default]')"
         raise ConfigError(
@@ -291,10 +291,9 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if tune_fixes.was_interrupted() or any(r["status"] == "interrupted" for r in rows) or len(rows) < sweep.total_trials:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         how, code = signals.interruption()
-        print(
+        signals.say_end(
             f"toolbox.sweep: {how}: {exp_dir} keeps {finished} finished trials and every trial's checkpoints; "
-            "re-run the same command to continue",
-            file=sys.stderr,
+            "re-run the same command to continue"
         )
         return code
     errored = [r for r in rows if r["status"] == "error"]
@@ -318,14 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         sweep, args = prepare(argv)
+        signals.last_words(lambda how: signals.say_end(_ended(how, args)))
         return run(sweep, args)
     except ConfigError as exc:
         print(f"toolbox.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
         how, code = signals.interruption()
-        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
+        signals.say_end(_ended(how, args))
         return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
         print(f"toolbox.sweep: failed: {describe_failure(exc)}", file=sys.stderr)
@@ -337,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"toolbox.sweep: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
         if getattr(args, "lock", None) is not None:
             args.lock.release()
+
+
+def _ended(how: str, args: argparse.Namespace | None) -> str:
+    """The last line of a sweep that was interrupted, or lost its Ray, before its table."""
+    kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
+    return f"toolbox.sweep: {how}: {kept}; re-run the same command to continue"
 
 
 if __name__ == "__main__":
