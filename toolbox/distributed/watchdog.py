@@ -32,11 +32,15 @@ def watch(node, messages: Path | None) -> None:
 
 
 def _poll(node, core: dict[str, subprocess.Popen], messages: Path | None) -> None:
+    import ray
+
     while not _stop.wait(POLL_S):
         lost = next(((name, code) for name, process in core.items() if (code := process.poll()) is not None), None)
-        if lost is not None and not _stop.is_set():
+        if lost is not None:
             break
     else:
+        return
+    if _stop.is_set() or not ray.is_initialized():  # ray.shutdown() disconnects before it ends Ray's processes
         return
     name, code = lost
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -50,7 +54,7 @@ def _poll(node, core: dict[str, subprocess.Popen], messages: Path | None) -> Non
 
 
 def stop() -> None:
-    """Before Ray is shut down: its processes ending then is no loss (a loss seen before still ends the command)."""
+    """Before Ray is shut down by toolbox (a loss seen before still ends the command)."""
     _stop.set()
 
 
