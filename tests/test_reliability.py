@@ -256,7 +256,9 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
     rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
     assert sorted(r["retries"] for r in rows) in ([0, 1], [1, 1]), rows
-    assert "retrying it from its latest checkpoint" in out
+    assert re.search(r"^trial \w+ died; retrying it from its latest checkpoint, epoch [1-4]'s \(1 of 2 retries\)$", out, re.M), (
+        out[-3000:]
+    )
     for trial in trial_dirs(exp_dir):
         assert_every_epoch_once(trial, 4)
 
