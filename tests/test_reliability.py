@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,14 @@ def test_a_killed_worker_of_two_restarts_the_group_from_the_checkpoint_and_finis
     code, out = cli.finish()
     assert code == 0, out[-3000:]
     assert_every_epoch_once(tmp_path / "killed", EPOCHS)
+    # Said in one line, with the rank, the epoch continued from and the restarts left; Ray's own line is in its log.
+    said = re.findall(
+        r"^worker ([01]) died \(its process ended: killed, or crashed\); restarting the group from epoch (\d+)'s checkpoint \(1 of 3 restarts\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert len(said) == 1 and int(said[0][1]) >= 1, out[-3000:]
+    assert "A worker died" not in out and "(raylet)" not in out, out[-3000:]
 
 
 SWEEP = """\
@@ -250,7 +259,9 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
     rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
     assert sorted(r["retries"] for r in rows) in ([0, 1], [1, 1]), rows
-    assert "retrying it from its latest checkpoint" in out
+    assert re.search(r"^trial \w+ died; retrying it from its latest checkpoint, epoch [1-4]'s \(1 of 2 retries\)$", out, re.M), (
+        out[-3000:]
+    )
     for trial in trial_dirs(exp_dir):
         assert_every_epoch_once(trial, 4)
 
@@ -501,3 +512,60 @@ def test_a_trial_killed_for_memory_fails_alone_and_a_re_run_does_not_repeat_it(t
         starts = {d.name: (d / "training.log").read_text().count("trial started") for d in trial_dirs(exp_dir)}
         assert sorted(starts.values()) == [1, 1, 1], (attempt, starts)  # the killed trial was not retried, nor re-run
     assert "continuing sweep" in done.stdout
+
+
+def kill_ray_core(cli: Cli, name: str) -> None:
+    """SIGKILL the raylet or the GCS (``gcs_server``) of the local Ray that the command started."""
+    found = [p for p in cli.processes(name) if p.name() == name]
+    assert len(found) == 1, [p.name() for p in cli.processes("")]
+    found[0].send_signal(signal.SIGKILL)
+
+
+def assert_lost_ray_said(out: str, command: str, core: str) -> Path:
+    """One line names the loss and what is kept, Ray's own messages are not on the console; returns their log."""
+    last = out.strip().splitlines()[-1]
+    said = f"toolbox.{command}: the local Ray was lost (its {core} was killed by SIGKILL; Ray's messages are in "
+    assert last.startswith(said) and "re-run the same command to continue" in last, out[-3000:]
+    assert "(raylet)" not in out and "Traceback" not in out and "PC: @" not in out, out[-3000:]
+    messages = Path(re.search(r"Ray's messages are in (\S+)\)", last).group(1))
+    assert messages.is_file()
+    return messages
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("core", ["raylet", "gcs_server"])
+def test_a_run_that_loses_its_local_ray_says_so_in_one_line_and_the_same_command_finishes_it(tmp_path, core):
+    cli = Cli("run", *RUN, "--storage", str(tmp_path), "--name", "lost")
+    first_epoch(cli)
+    kill_ray_core(cli, core)
+    code, out = cli.finish(timeout=60)
+    assert code == 1, out[-3000:]
+    messages = assert_lost_ray_said(out, "run", core)
+    assert f"{tmp_path / 'lost'} keeps epochs 1-" in out.strip().splitlines()[-1]
+    if core == "raylet":
+        assert "Raylet is terminated" in messages.read_text()
+    shutil.rmtree(messages.parents[1])  # the lost Ray's session dir, kept for its logs
+    again = run(*RUN, "--storage", str(tmp_path), "--name", "lost")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from epoch" in again.stdout
+    assert_every_epoch_once(tmp_path / "lost", EPOCHS)
+
+
+@pytest.mark.timeout(600)
+def test_a_sweep_that_loses_its_gcs_says_so_in_one_line_and_the_same_command_finishes_it(tmp_path):
+    """A call into a lost GCS waits a minute deaf to signals; the sweep still ends within seconds."""
+    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 12000\n')
+    cli = Cli("sweep", str(path), "--storage", str(tmp_path))
+    exp_dir = tmp_path / "faults"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(1 in logged_epochs(d) for d in trial_dirs(exp_dir) if (d / "training.log").exists()):
+        time.sleep(0.2)
+    kill_ray_core(cli, "gcs_server")
+    code, out = cli.finish(timeout=60)
+    assert code == 1, out[-3000:]
+    messages = assert_lost_ray_said(out, "sweep", "gcs_server")
+    shutil.rmtree(messages.parents[1])
+    again = sweep(str(path), "--storage", str(tmp_path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows

@@ -134,7 +134,7 @@ def prepare(argv: list[str] | None) -> Plan:
     check_shards(data, args.workers, "--workers")
     warn_if_bf16_is_slow(config, args.use_gpu)
     if args.address:
-        check_address(args.address)
+        args.address = check_address(args.address)
     else:
         cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
     return Plan(config, args, data, where, resume_path, state)
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(f"{key} {value}" for key, value in changed_keys(plan.state["config"]).items()),
         )
     lock = None
+    signals.last_words(lambda how: signals.say_end(_ended(how, plan.place.local)))
     try:
         lock = DirLock(plan.place.local, "run")
         mark(plan.place, RUN)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         how, code = signals.interruption()
-        print(f"toolbox.run: {how}: {_kept(plan.place.local)}; re-run the same command to continue", file=sys.stderr)
+        signals.say_end(_ended(how, plan.place.local))
         return code
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
         deterministic = deterministic_cause(exc)
@@ -272,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toolbox.run: writing summary.json failed: {describe_failure(exc)}; {_kept(plan.place.local)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ended(how: str, run_dir: Path) -> str:
+    """The last line of a run that was interrupted, or lost its Ray."""
+    return f"toolbox.run: {how}: {_kept(run_dir)}; re-run the same command to continue"
 
 
 def _kept(run_dir: Path) -> str:

@@ -115,7 +115,7 @@ def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.grow_from and (args.restart or kind_of(args.exp) != SWEEP):  # a new sweep; a re-run continues it
         args.start_from = growth.warm_start(sweep, place(args.storage, args.grow_from), args.grow_from, args.record)
     if args.address:
-        check_address(args.address)
+        args.address = check_address(args.address)
     if not sweep.trials_in_process and not args.address and not (args.dashboard and cluster.dashboard_available()):
         why = "is off (--no-dashboard)" if not args.dashboard else "is not installed (pip install 'ray[default]')"
         raise ConfigError(
@@ -312,14 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         sweep, args = prepare(argv)
+        signals.last_words(lambda how: signals.say_end(_ended(how, args)))
         return run(sweep, args)
     except ConfigError as exc:
         print(f"toolbox.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
         how, code = signals.interruption()
-        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
+        signals.say_end(_ended(how, args))
         return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
         kept = (
@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"toolbox.sweep: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
         if getattr(args, "lock", None) is not None:
             args.lock.release()
+
+
+def _ended(how: str, args: argparse.Namespace | None) -> str:
+    """The last line of a sweep that was interrupted, or lost its Ray, before its table."""
+    kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
+    return f"toolbox.sweep: {how}: {kept}; re-run the same command to continue"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from toolbox.config import user_code
 from toolbox.config.registry import ConfigError
-from toolbox.distributed import reaper, signals
+from toolbox.distributed import reaper, signals, watchdog
 from toolbox.training.epochlog import replace_file
 
 log = logging.getLogger("toolbox")
@@ -164,7 +164,12 @@ def start(
     node = ray._private.worker._global_node
     _own_session[:] = [(node.get_session_dir_path(), verbose)]
     raylet = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    reaper.start(raylet, Path(node.get_session_dir_path()) / "logs" / "toolbox_reaper.log")
+    logs = Path(node.get_session_dir_path()) / "logs"
+    reaper.start(raylet, logs / "toolbox_reaper.log")
+    messages = None if verbose else logs / "toolbox_driver_messages.log"
+    if messages is not None:
+        watchdog.messages_to_log(messages)
+    watchdog.watch(node, messages)
     host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "localhost") else dashboard_host
     return f"http://{host}:{port}" if dashboard else None
 
@@ -198,7 +203,12 @@ def describe_session(directory: Path, url: str | None) -> None:
 def stop() -> int:
     """Remove the placement groups this driver's job left behind, then shut Ray down; returns how many there were."""
     ray = sys.modules.get("ray")  # None where ray was never imported, or its import was interrupted: no Ray started
+    watchdog.stop()
     if ray is None or not ray.is_initialized():
+        return 0
+    if signals.ended_for_failure():  # the local Ray is lost: nothing of it answers, and its session dir holds why
+        _own_session.clear()
+        ray.shutdown()
         return 0
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -236,7 +246,11 @@ def given_address(address: str | None) -> str | None:
 
 def add_ray_flags(group) -> None:
     """The flags that decide where Ray runs and who can see it, shared by toolbox.run and toolbox.sweep."""
-    group.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
+    group.add_argument(
+        "--address",
+        help="an existing Ray cluster, HOST:PORT (default: $RAY_ADDRESS, else a private local Ray); "
+        "auto: the cluster you started on this host with `ray start`",
+    )
     group.add_argument(
         "--dashboard",
         action=argparse.BooleanOptionalAction,

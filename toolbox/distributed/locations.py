@@ -8,7 +8,9 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,11 @@ from toolbox.distributed.storage import atomic_local_files
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}")
 LOCK_FILE = ".toolbox.lock"
 ADDRESS_TIMEOUT_S = 10.0
+STORAGE_TIMEOUT_S = 10.0
+# What an HTTP/2 client sends first (the connection preface, then an empty SETTINGS frame); a gRPC server, as Ray's
+# GCS and client server are, answers with a SETTINGS frame of its own.
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
 
 
 def check_name(name: str, label: str = "--name") -> str:
@@ -94,10 +101,13 @@ class DirLock:
             self._fd = None
 
 
-def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
-    """Refuse a cluster address that nothing answers on, instead of waiting minutes inside ray.init."""
-    if address in ("auto", "local"):
-        return
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> str:
+    """The cluster address to join (``auto`` made one); refused where nothing answers, or something that is not a
+    Ray server does, instead of waiting minutes inside ray.init."""
+    if address == "local":
+        return address
+    if address == "auto":
+        address = own_cluster()
     parsed = urllib.parse.urlsplit(address if "://" in address else f"ray-gcs://{address}")
     default_port = 10001 if parsed.scheme == "ray" else 6379
     try:
@@ -107,11 +117,56 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     if not host:
         raise ConfigError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        connection = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         raise ConfigError(f"--address {address}: nothing answers on {host}:{port} ({reason})") from None
+    with connection:
+        if not os.environ.get("RAY_USE_TLS") and not _speaks_http2(connection):
+            raise ConfigError(
+                f"--address {address}: something answers on {host}:{port} but is not a Ray GCS (it does not speak gRPC)"
+            )
+    return address
+
+
+def _speaks_http2(connection: socket.socket) -> bool:
+    try:
+        connection.sendall(HTTP2_HELLO)
+        answer = b""
+        while len(answer) < 9:  # a frame's header: length (3 bytes), type, flags, stream (4)
+            chunk = connection.recv(9 - len(answer))
+            if not chunk:
+                return False
+            answer += chunk
+    except OSError:  # silent until the timeout, or reset
+        return False
+    return answer[3] == HTTP2_SETTINGS
+
+
+def own_cluster(uid: int | None = None) -> str:
+    """What ``--address auto`` joins: $RAY_ADDRESS, else the cluster that Ray's record of the last ``ray start``
+    on this host names, where a raylet of that cluster runs here as this user (``uid``). Never another user's
+    Ray, nor a Ray that a driver started for itself (those are in no record)."""
+    if os.environ.get("RAY_ADDRESS", "auto") not in ("", "auto"):
+        return os.environ["RAY_ADDRESS"]
+    import psutil
+    from ray._common.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))
+    how = "pass --address HOST:PORT, or start one here with `ray start --head`"
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
+        raise ConfigError(f"--address auto: no Ray cluster was started on this host ({record} is missing); {how}") from None
+    owners = set()
+    for process in psutil.process_iter(["name", "cmdline", "uids", "username"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["name"] == "raylet" and f"--gcs-address={recorded}" in " ".join(cmdline).split(" "):
+            if process.info["uids"].real == (os.getuid() if uid is None else uid):
+                return recorded
+            owners.add(process.info["username"])
+    whose = f"was started by {', '.join(sorted(owners))}, not by you" if owners else "has no raylet on this host (it ended)"
+    raise ConfigError(f"--address auto: the Ray cluster that {record} names, {recorded}, {whose}; {how}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +223,12 @@ def place(storage: str, name: str) -> Place:
         raise ConfigError(f"--storage {storage}: {' '.join(str(exc).split())[:300]}") from None
     root = root.rstrip("/")
     try:
-        info = fs.get_file_info(root)
+        info = _within(STORAGE_TIMEOUT_S, lambda: fs.get_file_info(root))
+    except TimeoutError:
+        raise ConfigError(
+            f"--storage {storage}: no answer within {STORAGE_TIMEOUT_S:g} s (are its credentials set up here, "
+            "and can this machine reach it?)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"--storage {storage}: cannot reach it ({' '.join(str(exc).split())[:300]})") from None
     if info.type == pyarrow.fs.FileType.File:
@@ -180,3 +240,24 @@ def place(storage: str, name: str) -> Place:
         / f"{readable}-{hashlib.sha1(f'{storage}/{name}'.encode()).hexdigest()[:10]}"
     )
     return Place(fs, root, f"{root}/{name}", staging, remote=True)
+
+
+def _within(seconds: float, call: Callable):
+    """``call()``, raising TimeoutError after ``seconds``: a filesystem client may retry for many minutes, deaf to
+    Ctrl-C. It runs in a daemon thread, which this process leaves behind if it must."""
+    answer: dict = {}
+
+    def run() -> None:
+        try:
+            answer["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            answer["error"] = exc
+
+    thread = threading.Thread(target=run, name="toolbox-storage-check", daemon=True)
+    thread.start()
+    thread.join(seconds)  # Ctrl-C ends the wait
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in answer:
+        raise answer["error"]
+    return answer["value"]

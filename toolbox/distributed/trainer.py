@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolbox.distributed.locations import Place
-from toolbox.training.epochlog import EpochLog
+from toolbox.training.epochlog import EpochLog, read_rows
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,76 @@ def epoch_log_callback(where: Place, epochs: int, hparams: dict | None):
 
     class EpochLogCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
+            self._log().append(metrics[0])
+
+        def _log(self) -> EpochLog:
             if not hasattr(self, "log"):
                 self.log = EpochLog(where.local, epochs, hparams, mirror=where.mirror)
-            self.log.append(metrics[0])
+            return self.log
+
+        def say(self, message: str) -> None:
+            """A line in the run's log, which ``toolbox.run`` echoes on the console."""
+            self._log().log(message)
+
+        def latest_epoch(self) -> int | None:
+            """The last epoch reported, whose checkpoint (one each epoch) a restarted group continues from."""
+            return max((int(row["epoch"]) for row in read_rows(where.local)), default=None)
 
     return EpochLogCallback()
+
+
+# In Train's controller process: rank -> (node id, pid) of the worker group's processes, as they started.
+_worker_processes: dict[int, tuple[str, int]] = {}
+
+
+def record_worker_processes(workers: list) -> None:
+    """Train's workers, sorted by rank, as their group started (a module-level function, so that the callback that
+    calls it in the controller fills this module's record rather than a copy of it)."""
+    _worker_processes.clear()
+    _worker_processes.update({rank: (w.metadata.node_id, w.metadata.pid) for rank, w in enumerate(workers)})
+
+
+def _gone_here(processes: dict[int, tuple[str, int]]) -> list[int]:
+    """The ranks whose process, on this node, has ended."""
+    import psutil
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    gone = []
+    for rank, (worker_node, pid) in processes.items():
+        try:
+            alive = worker_node != node or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            gone.append(rank)
+    return gone
+
+
+def restart_line(error, restarts: int, limit: int, epoch: int | None) -> str:
+    """What a worker group's restart is said as: which rank died and how, where the group continues, how many are left.
+
+    Ray's error names no signal (the raylet, not the controller, sees a worker's exit), only its guesses at one; and
+    with two workers it may hold only the survivor's error ("Connection closed by peer"), so the ranks whose process
+    has ended are looked up."""
+    from ray.exceptions import RayActorError
+
+    from toolbox.config.registry import one_line
+
+    failures = getattr(error, "worker_failures", {})
+    died = sorted({rank for rank, exc in failures.items() if isinstance(exc, RayActorError)} | set(_gone_here(_worker_processes)))
+    if died:
+        memory = any("running low on memory" in str(failures.get(rank)) for rank in died)
+        how = "killed by Ray's memory monitor" if memory else "its process ended: killed, or crashed"
+        who = f"worker{'s' * (len(died) > 1)} {', '.join(map(str, died))} died ({how})"
+    elif failures:
+        rank, exc = min(failures.items())
+        who = f"worker {rank} failed ({one_line(exc)[:200]})"
+    else:
+        who = "the worker group failed"
+    start = f"from epoch {epoch}'s checkpoint" if epoch else "from the start (no checkpoint yet)"
+    count = f"{restarts} of {limit} restarts" if limit >= 0 else f"restart {restarts}, no limit"
+    return f"{who}; restarting the group {start} ({count})"
 
 
 def torch_trainer(
@@ -137,9 +202,11 @@ def _lean_trainer(ray_ends_with_driver: bool):
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback, StateManagerCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
     from toolbox.training.failures import deterministic_cause
 
@@ -156,19 +223,34 @@ def _lean_trainer(ray_ends_with_driver: bool):
         def _maybe_send_resource_request(self):
             pass
 
+    class RecordWorkerProcesses(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group):
+            record_worker_processes(worker_group.get_workers())
+
     class RetryCrashesOnly(DefaultFailurePolicy):
+        def __init__(self, failure_config, epoch_log):
+            super().__init__(failure_config)
+            self.epoch_log = epoch_log  # where a restart is said
+
         def make_decision(self, training_failed_error):
             if deterministic_cause(training_failed_error) is not None:
                 return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
+            decision = super().make_decision(training_failed_error)
+            if decision == FailureDecision.RETRY and isinstance(training_failed_error, WorkerGroupError):
+                restarts, limit = self._worker_group_failures, self.failure_config.max_failures
+                epoch = self.epoch_log.latest_epoch()
+                self.epoch_log.say(restart_line(training_failed_error, restarts, limit, epoch))
+            return decision
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             kept = [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
-            return [StateWithPlainVersions(datasets=self.datasets) if type(c) is StateManagerCallback else c for c in kept]
+            kept = [StateWithPlainVersions(datasets=self.datasets) if type(c) is StateManagerCallback else c for c in kept]
+            return [*kept, RecordWorkerProcesses()]
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
-            controller_init_kwargs["failure_policy"] = RetryCrashesOnly(self.run_config.failure_config)
+            epoch_log = next(c for c in self.run_config.callbacks if hasattr(c, "latest_epoch"))
+            controller_init_kwargs["failure_policy"] = RetryCrashesOnly(self.run_config.failure_config, epoch_log)
             if ray_ends_with_driver and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
                 controller_init_kwargs["scaling_policy"] = FixedWithoutAutoscaler(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)

@@ -19,10 +19,10 @@ def said(rows: list[dict], sweep: Sweep, exp_dir: Path) -> int:
         finished = sum(r["status"] in ("done", "stopped") for r in rows)
         kept = f"{exp_dir} keeps {finished} finished trials and every trial's checkpoints"
         if tune_fixes.disk_full() is not None:
-            print(f"toolbox.sweep: failed: {describe_failure(tune_fixes.disk_full())}; {kept}", file=sys.stderr)
+            signals.say_end(f"toolbox.sweep: failed: {describe_failure(tune_fixes.disk_full())}; {kept}")
             return 1
         how, code = signals.interruption()
-        print(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue", file=sys.stderr)
+        signals.say_end(f"toolbox.sweep: {how}: {kept}; re-run the same command to continue")
         return code
     errored = [r for r in rows if r["status"] == "error"]
     if errored:

@@ -71,7 +71,13 @@ class Progress(tune.Callback):
         if tune_fixes.disk_full() is not None:  # the sweep stops: the trial continues when it is re-run
             log.info("trial %s stopped: the disk is full", trial.trial_id)
             return
-        log.info("trial %s died (%d so far); retrying it from its latest checkpoint", trial.trial_id, trial.num_failures)
+        history = read_rows(trial.path, trial.storage.storage_filesystem) if trial.path else []
+        count = f"{trial.num_failures} of {self.sweep.max_failures} retries"
+        if history:
+            epoch = max(int(r["epoch"]) for r in history)
+            log.info("trial %s died; retrying it from its latest checkpoint, epoch %d's (%s)", trial.trial_id, epoch, count)
+        else:
+            log.info("trial %s died before its first epoch ended; retrying it from the start (%s)", trial.trial_id, count)
 
     def _line(self, trial, what: str) -> None:
         self.done = (self.done or 0) + 1
