@@ -13,6 +13,7 @@ from toolbox import sweep as sweep_cli
 from toolbox.components.datasets import DATASETS
 from toolbox.config.registry import ConfigError
 from toolbox.training.builders import build_dataset
+from toolbox.tuning.fused_trials import fall_back_unless_fusable
 from toolbox.tuning.sweepfile import candidate_params, check_trials, load
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
@@ -127,7 +128,7 @@ def test_fuse_falls_back_for_hyperband_and_says_why(scheduler, tmp_path, caplog)
     sweep = load(path)
     data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
     with caplog.at_level("INFO", logger="toolbox"):
-        sweep_cli._fall_back_unless_fusable(sweep, data, None)
+        fall_back_unless_fusable(sweep, data, None)
     assert (sweep.fuse, "HyperBand pauses trials" in caplog.text) == ((0, True) if scheduler == "hyperband" else (2, False))
 
 
@@ -137,7 +138,7 @@ def test_fuse_falls_back_where_a_trials_optimizer_has_no_stacked_step_and_names_
     sweep = load(path)
     data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
     with caplog.at_level("INFO", logger="toolbox"):
-        sweep_cli._fall_back_unless_fusable(sweep, data, None)
+        fall_back_unless_fusable(sweep, data, None)
     assert sweep.fuse == 0
     assert [r.getMessage() for r in caplog.records if "cannot fuse" in r.getMessage()] == [
         "fuse = 2: trials with test_rmsprop cannot fuse (RMSprop has no stacked step; Adam, AdamW and SGD have); "
@@ -173,5 +174,5 @@ def test_fuse_falls_back_for_map_style_splits_and_says_why(tmp_path, caplog, mon
     sweep = load(path)
     data = build_dataset(sweep.trial_config(candidate_params(sweep.space)[0]))
     with caplog.at_level("INFO", logger="toolbox"):
-        sweep_cli._fall_back_unless_fusable(sweep, data, None)
+        fall_back_unless_fusable(sweep, data, None)
     assert sweep.fuse == 0 and "the dataset is map-style splits" in caplog.text
