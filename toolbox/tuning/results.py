@@ -40,7 +40,7 @@ def trial_rows(
     "interrupted", one its scheduler paused (HyperBand) "paused". ``budgets`` holds the epochs of
     trials that a grown sweep left at an earlier budget; the others have the sweep's. A trial that a
     grown space no longer holds is "outside"."""
-    rows = []
+    rows, run_keys = [], set(all_keys())  # a swept key that is no run key (a confirmation's candidate) is its drawn value
     for result in result_grid:
         history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
         best = best_value(history, sweep)
@@ -70,7 +70,7 @@ def trial_rows(
                 "status": outcome,
                 "retries": failures - 1 if outcome == "error" else failures,
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
-                **{key: _plain(config.get(key, params.get(key))) for key in swept_keys(sweep)},
+                **{key: _plain(config.get(key) if key in run_keys else params.get(key)) for key in swept_keys(sweep)},
                 sweep.metric: best,
                 "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
                 "epochs": epochs,
