@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env, run_cli
+from helpers import ROOT, python_env, run_cli, start_cli
 
 TINY = """\
 from ray import tune
@@ -308,15 +308,7 @@ def test_a_grid_of_a_hundred_thousand_points_starts_at_once_and_its_bad_point_fa
         """,
         "huge",
     )
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)],
-        cwd=ROOT,
-        env=python_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    driver = start_cli("sweep", str(path), "--storage", str(tmp_path))
     lines = []
     for line in driver.stdout:  # the pytest timeout bounds this wait
         lines.append(line)
