@@ -218,22 +218,21 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
         """\
         space = {"optimizer": tune.choice(["adamw", "sgd"]), "lr": tune.loguniform(1e-4, 3e-2)}
         num_samples = 4
-        epochs = 6
+        epochs = 4
         trial_scheduler = "pbt"
-        # PBT exploits only among unfinished trials, so all 4 run at once, with epochs long enough to overlap
-        # however late one starts; a chance to exploit after every epoch, for the bottom half.
+        # Synchronous PBT: each trial waits at epoch 2 until all have reached it, then the bottom half
+        # exploits the top half, however late each trial started.
         cpus_per_worker = 0.5
-        base = {**base, "dummy_n_samples": 4096}
-        scheduler_options = {"perturbation_interval": 1, "quantile_fraction": 0.5}
+        scheduler_options = {"perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True}
         """,
         "pbt",
     )
     proc = sweep(str(path), "--storage", str(tmp_path), "--seed", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "pbt" / "results.parquet").to_pylist()
-    assert len(rows) == 4 and all(r["status"] == "done" and r["epochs"] == 6 for r in rows), rows
-    for r in rows:  # an exploit of a trial ahead leaves no epoch out of the table
-        assert [e["epoch"] for e in pq.read_table(Path(r["trial_dir"]) / "epochs.parquet").to_pylist()] == [1, 2, 3, 4, 5, 6]
+    assert len(rows) == 4 and all(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
+    for r in rows:  # an exploit leaves no epoch out of the table
+        assert [e["epoch"] for e in pq.read_table(Path(r["trial_dir"]) / "epochs.parquet").to_pylist()] == [1, 2, 3, 4]
     policies = list((tmp_path / "pbt").glob("pbt_policy_*.txt"))
     assert policies, "no trial exploited another one"
     exploited = [d for d, starts in trial_starts(tmp_path / "pbt").items() if starts > 1]

@@ -264,12 +264,12 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         exp_dir,
     )
     tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress, args.start_from)
-    fit_started = time.time()
+    fit_started, fit_cpu_started = time.time(), time.process_time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         grid = tune.Tuner.restore(exp.path, trial, storage_filesystem=exp.fs).get_results()
-    fit_s = time.time() - fit_started
+    fit_s, fit_cpu_s = time.time() - fit_started, time.process_time() - fit_cpu_started
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
     rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
@@ -283,6 +283,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     summary = {
         "wall_s": time.time() - started,
         "fit_s": fit_s,
+        "fit_driver_cpu_s": fit_cpu_s,
         "trials": len(rows),
         "epochs": sum(r["epochs"] for r in rows),
         "placement_groups_left": placement_groups_left,

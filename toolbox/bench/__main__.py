@@ -1,6 +1,6 @@
 """``python -m toolbox.bench``: toolbox's speed as ratios against baselines measured in the same run.
 
-Sections (``--only``): data, datapath, overhead, sweep, memory, ddp, fused, and gpu (with ``--gpu``).
+Sections (``--only``): data, datapath, overhead, sweep, memory, ddp, fused, scale, and gpu (with ``--gpu``).
 datapath times the loop's other data paths (map-style splits through a DataLoader, augmentations)
 against its tensors. Sweeps and runs go through the real CLIs in subprocesses; results are read back
 from their output files. Prints a markdown table and writes ray_results/bench/bench.json.
@@ -38,7 +38,7 @@ from toolbox.training.loop import cpu_bf16_units, train
 from toolbox.training.session import local_session
 from toolbox.tuning.sweepfile import load
 
-SECTIONS = ("data", "datapath", "overhead", "sweep", "memory", "ddp", "fused")
+SECTIONS = ("data", "datapath", "overhead", "sweep", "memory", "ddp", "fused", "scale")
 MNIST_TRAIN_SAMPLES = 60_000
 # Each timed figure is the fastest of RUN_EPOCHS - 1 tries: toolbox.run's epochs after its first, and as many bare epochs.
 RUN_EPOCHS = 5
@@ -456,6 +456,73 @@ def bench_ddp(table: Table, args, out: Path) -> None:
     table.add("MNIST epoch (train), 2 CPU DDP workers vs 1", two, one, "s", "report (2 cores: expect little)", None)
 
 
+SCALE_SWEEP = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_n_samples": 64, "dummy_val_n_samples": 32, "dummy_input_shape": (8,),
+        "ff_hidden_sizes": (8,), "batch_size": 32}
+space = {"lr": tune.loguniform(1e-4, 1e-1), "optimizer": tune.choice(["adamw", "sgd"])}
+epochs = 1
+trial_scheduler = "fifo"
+"""
+
+
+def bench_scale(table: Table, args, out: Path) -> None:
+    """The driver's cost per trial as a random search grows: one-epoch trials of a few steps, 2 at a time."""
+    sweep_file = out / "scale.py"
+    sweep_file.write_text(SCALE_SWEEP)
+    figures = []
+    for trials in args.scale_sizes:
+        name = f"scale-{trials}"
+        cli(
+            "sweep",
+            str(sweep_file),
+            "--storage",
+            str(out),
+            "--name",
+            name,
+            "--restart",
+            "--num-samples",
+            str(trials),
+            "--max-concurrent",
+            "2",
+        )
+        summary = json.loads((out / name / "summary.json").read_text())
+        figures.append((trials, summary["fit_s"], summary["fit_driver_cpu_s"]))
+        print(
+            f"  {trials} trials: Tune's fit {summary['fit_s']:.1f} s, driver CPU {summary['fit_driver_cpu_s']:.1f} s", flush=True
+        )
+    (smallest, wall0, cpu0), *rest = figures
+    for trials, wall, cpu in rest:
+        table.add(
+            f"sweep of {trials} one-epoch trials: wall s per trial vs at {smallest}",
+            wall / trials,
+            wall0 / smallest,
+            "s",
+            "report",
+            None,
+        )
+        table.add(
+            f"sweep of {trials} one-epoch trials: driver CPU s per trial vs at {smallest}",
+            cpu / trials,
+            cpu0 / smallest,
+            "s",
+            "report",
+            None,
+        )
+    # The cost of each added trial, between successive sizes: flat means the last step costs what the first did.
+    added = [(c1 - c0) / (n1 - n0) for (n0, _, c0), (n1, _, c1) in zip(figures, figures[1:])]
+    if len(added) >= 2:
+        first, last = added[0], added[-1]
+        table.add(
+            f"driver CPU s per added trial, {figures[-2][0]} -> {figures[-1][0]} trials vs {figures[0][0]} -> {figures[1][0]}",
+            last,
+            first,
+            "s",
+            "<= 1.5 (flat)",
+            last <= 1.5 * first,
+        )
+
+
 def bench_gpu(table: Table, args, out: Path) -> None:
     if not torch.cuda.is_available():
         print("  gpu: no GPU here, skipped", flush=True)
@@ -540,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a checkout of the original toolbox (yslcoat/pytorch-training-toolbox@26eadce) to run as the data "
         "section's baseline; without it, its pipeline is rebuilt here",
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[16, 128, 512, 2000],
+        help="trial counts of the scale section's sweeps (default: 16,128,512,2000)",
     )
     parser.add_argument("--out", default="ray_results/bench")
     args = parser.parse_args(argv)

@@ -54,7 +54,8 @@ class Confirmation(Sweep):
 def confirmation(sweep: Sweep, exp: Place, k: int, seeds: int) -> tuple[Confirmation, Place]:
     """The confirmation of ``sweep`` (its results in ``exp``) and where it runs; refuses one that cannot run."""
     from ray import tune
-    from ray.tune import ExperimentAnalysis
+
+    from toolbox.tuning.snapshots import saved_trials
 
     if k < 1 or seeds < 2:
         raise ConfigError(f"--confirm {k} --seeds {seeds}: give --confirm >= 1 and --seeds >= 2 (a spread needs two seeds)")
@@ -68,8 +69,7 @@ def confirmation(sweep: Sweep, exp: Place, k: int, seeds: int) -> tuple[Confirma
     ranked = [r for r in rows if r["status"] in ("done", "stopped") and not math.isnan(r[sweep.metric])][:k]
     if len(ranked) < k:
         raise ConfigError(f"--confirm {k}: the sweep has {len(ranked)} finished trials")
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # our trials write no result.json
-    params = {t.trial_id: t.config for t in ExperimentAnalysis(exp.path, storage_filesystem=exp.fs).trials}
+    params = {t.trial_id: t.config for t in saved_trials(exp.fs, exp.path)}
     candidates = {r["trial_id"]: drawn(sweep, params[r["trial_id"]]) for r in ranked}
     first = sweep.base.get("seed", 0) + 1  # seeds the search never trained on
     shared = {f.name: getattr(sweep, f.name) for f in fields(Sweep)}

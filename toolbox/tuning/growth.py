@@ -123,7 +123,8 @@ def refuse_changes(exp: Place, sweep: Sweep, what: str) -> None:
 def warm_start(sweep: Sweep, old: Place, old_name: str, record: Record) -> tuple[list[dict], list[float]]:
     """``--grow-from``: the old sweep's trials inside this sweep's space, and their best values, for a searcher to start from."""
     import pyarrow.parquet as pq
-    from ray.tune import ExperimentAnalysis
+
+    from toolbox.tuning.snapshots import saved_trials
 
     ran = Record.read(old)
     if ran is None:
@@ -143,9 +144,8 @@ def warm_start(sweep: Sweep, old: Place, old_name: str, record: Record) -> tuple
             values = {r["trial_id"]: r[sweep.metric] for r in pq.read_table(source).to_pylist()}
     except (FileNotFoundError, KeyError) as exc:
         raise ConfigError(f"--grow-from {old_name}: its results.parquet cannot be read ({exc})") from None
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # our trials write no result.json
     points, rewards = [], []
-    for trial in ExperimentAnalysis(old.path, storage_filesystem=old.fs).trials:
+    for trial in saved_trials(old.fs, old.path):
         value = values.get(trial.trial_id)
         if value is not None and value == value and in_space(sweep, trial.config):
             points.append(drawn(sweep, trial.config))
@@ -199,10 +199,9 @@ def _said(value: Any) -> str:
 
 def _left_at_their_budget(exp: Place, known: dict[str, int], budget: int) -> list[str]:
     """Trials that stopped early under ``budget``: a larger budget does not continue them."""
-    from ray.tune import ExperimentAnalysis
+    from toolbox.tuning.snapshots import saved_trials
 
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # our trials write no result.json
-    trials = ExperimentAnalysis(exp.path, storage_filesystem=exp.fs).trials
+    trials = saved_trials(exp.fs, exp.path)
     return [t.trial_id for t in trials if t.trial_id not in known and t.status == "TERMINATED" and _epochs(t) < budget]
 
 

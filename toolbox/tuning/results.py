@@ -105,10 +105,10 @@ def best_value(history: list[dict], sweep: Sweep) -> float:
 def saved_trials(exp) -> dict:
     """Each trial as Tune saved it in the sweep dir (a ``Place``), by id: after Ctrl-C, Tune's live
     trials all read TERMINATED, but its last snapshot still has the interrupted ones RUNNING or PENDING."""
-    from ray.tune import ExperimentAnalysis
+    from toolbox.tuning.snapshots import saved_trials as read_saved_trials
 
     try:
-        trials = ExperimentAnalysis(exp.path, storage_filesystem=exp.fs).trials
+        trials = read_saved_trials(exp.fs, exp.path)
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("no trial states in %s: %s", exp.path, exc)
         return {}

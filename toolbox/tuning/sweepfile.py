@@ -65,6 +65,7 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
         "quantile_fraction": Annotated[float, Range(gt=0, le=0.5)],
         "resample_probability": UnitInterval,
         "perturbation_factors": tuple[PositiveFloat, PositiveFloat],
+        "synch": bool,
     },
     "fifo": {},
 }

@@ -92,10 +92,10 @@ def tidy(exp: Place, restoring: bool) -> None:
 
 
 def _recorded_trial_dirs(exp: Place) -> set[str] | None:
-    from ray.tune import ExperimentAnalysis
+    from toolbox.tuning.snapshots import saved_trials
 
     try:
-        trials = ExperimentAnalysis(exp.path, storage_filesystem=exp.fs).trials
+        trials = saved_trials(exp.fs, exp.path)
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("no trial list in %s (%s): its trial dirs are kept as they are", exp.path, exc)
         return None

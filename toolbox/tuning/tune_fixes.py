@@ -1,6 +1,7 @@
 """Fixes to Ray Tune 2.60's driver, each through one private hook, each installed once and skipped if the hook is gone.
 
-- Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take.
+- Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take,
+  and write each finished trial once rather than into every snapshot (``snapshots``).
 - Staging race: Tune rewrites its local staging dir while a background thread is still uploading
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
 - Killed trials: an actor task that fails with a Ray error other than an actor's or a task's (a
@@ -44,6 +45,9 @@ _disk_full: list[BaseException] = []  # trial failures on a full disk
 def install() -> None:
     fixes = (
         snapshot_after_every_change,
+        save_finished_trials_once,
+        restore_finished_trials,
+        read_finished_trials,
         wait_for_the_previous_upload,
         save_every_status_change,
         fail_the_trial_of_a_killed_actor,
@@ -65,8 +69,8 @@ def snapshot_after_every_change() -> None:
     """Tune snapshots the sweep (experiment state, searcher and scheduler) after every controller
     step; toolbox sets the period to 0 so that a killed driver loses no finished trial. Most steps
     change nothing, and their identical snapshots cost the driver CPU that the trials need. This
-    skips a snapshot when no trial was added, changed status or reported since the last one;
-    forced snapshots still run."""
+    skips a snapshot when Tune marked no trial for saving (added, started, reported, stopped or
+    changed status) since the last one; forced snapshots still run."""
     from ray.tune.execution.tune_controller import TuneController
 
     save = TuneController.checkpoint
@@ -74,16 +78,56 @@ def snapshot_after_every_change() -> None:
         return
 
     def checkpoint(self, force: bool = False, wait: bool = False):
-        state = [(t.trial_id, t.status, t.last_result.get("training_iteration")) for t in self._trials]
         forced = force or getattr(self._checkpoint_manager, "_should_force_sync_up", True)
-        if not forced and state == getattr(self, "_toolbox_snapshot_state", None):
+        if not forced and not self._trials_to_cache:
             return None
-        saved = save(self, force=force, wait=wait)
-        self._toolbox_snapshot_state = state  # only once saved: a failed snapshot is not skipped next time
-        return saved
+        return save(self, force=force, wait=wait)
 
     checkpoint.toolbox_skips_unchanged = True
     TuneController.checkpoint = checkpoint
+
+
+def save_finished_trials_once() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    from toolbox.tuning import snapshots
+
+    if TuneController.save_to_dir is snapshots.save:
+        return
+    TuneController.save_to_dir = snapshots.save
+
+
+def restore_finished_trials() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    from toolbox.tuning import snapshots
+
+    restore = TuneController._restore_trials
+    if getattr(restore, "toolbox_merges", False):
+        return
+
+    def _restore_trials(self, experiment_state):
+        storage = self._storage
+        snapshots.restored(self, snapshots.merge(experiment_state, storage.storage_filesystem, storage.experiment_fs_path))
+        return restore(self, experiment_state)
+
+    _restore_trials.toolbox_merges = True
+    TuneController._restore_trials = _restore_trials
+
+
+def read_finished_trials() -> None:
+    from ray.tune import ExperimentAnalysis
+
+    from toolbox.tuning import snapshots
+
+    if getattr(ExperimentAnalysis._load_trials, "toolbox_merges", False):
+        return
+
+    def _load_trials(self):
+        return snapshots.saved_trials(self._fs, self._experiment_fs_path, self._experiment_json_fs_path)
+
+    _load_trials.toolbox_merges = True
+    ExperimentAnalysis._load_trials = _load_trials
 
 
 def wait_for_the_previous_upload() -> None:

@@ -1,0 +1,143 @@
+"""The sweep's saved trial states, at a cost per trial that does not grow with the sweep.
+
+Tune snapshots every trial into one experiment-state file at each step, a cost that grows as the
+square of the trial count. Here a snapshot holds only the unfinished trials; each trial that
+finishes is written once, in a small file of ``finished_trials/`` written straight to the sweep
+dir before the snapshot that leaves it out. Reading merges the two, the newer entry of a trial
+winning: a batch newer than the snapshot (a driver killed in between) holds what the snapshot lacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import weakref
+from pathlib import Path
+
+import pyarrow.fs
+
+log = logging.getLogger("toolbox")
+FINISHED_DIR = "finished_trials"
+NEWEST_BATCH = "toolbox_finished_upto"  # the experiment state's key: the newest batch written before it
+FINAL = ("TERMINATED", "ERROR")
+_sealed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> {trial id: status last written in a batch}
+_next_batch: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> the number of its next batch
+
+
+def save(controller) -> None:
+    """``TuneController.save_to_dir``, writing each newly finished trial once into a batch of its own."""
+    from ray.tune.execution.tune_controller import TuneFunctionEncoder
+
+    changed = set(controller._trials_to_cache)
+    try:
+        data = controller._get_trial_checkpoints()
+        sealed = _sealed.setdefault(controller, {})
+        finished = {t.trial_id: t.status for t in changed if t.status in FINAL and sealed.get(t.trial_id) != t.status}
+        storage = controller._storage
+        if finished:
+            batch = _next_batch.get(controller, _newest_batch(storage.storage_filesystem, storage.experiment_fs_path) + 1)
+            _write_batch(storage.storage_filesystem, storage.experiment_fs_path, batch, [data[i] for i in finished])
+            _next_batch[controller] = batch + 1
+            sealed.update(finished)
+        for trial in changed:  # a trial written in a batch leaves the snapshots until it changes status
+            if sealed.get(trial.trial_id) == trial.status:
+                data.pop(trial.trial_id, None)
+        state = {
+            "trial_data": list(data.values()),
+            "runner_data": controller.__getstate__(),
+            "stats": {"start_time": controller._start_time},
+            NEWEST_BATCH: _next_batch.get(controller, 0) - 1,
+        }
+        staging = Path(storage.experiment_driver_staging_path)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / controller.experiment_state_file_name).write_text(json.dumps(state, cls=TuneFunctionEncoder))
+        controller._search_alg.save_to_dir(str(staging), session_str=controller._session_str)
+        controller._callbacks.save_to_dir(str(staging), session_str=controller._session_str)
+    except BaseException:
+        controller._trials_to_cache |= changed  # a failed snapshot is taken again at the next step
+        raise
+
+
+def merge(state: dict, fs: pyarrow.fs.FileSystem, path: str) -> dict:
+    """The experiment state ``state`` with the finished trials of ``finished_trials/`` put back; returns the
+    ids and statuses of the trials that came from a batch."""
+    upto = state.get(NEWEST_BATCH, -1)
+    from_batch: dict[str, tuple[int, list]] = {}
+    for batch, entries in _batches(fs, path):
+        for entry in entries:
+            from_batch[_trial_id(entry)] = (batch, entry)
+    newest = {trial_id: entry for trial_id, (_, entry) in from_batch.items()}
+    for entry in state["trial_data"]:
+        trial_id = _trial_id(entry)
+        if trial_id not in from_batch or from_batch[trial_id][0] <= upto:
+            newest[trial_id] = entry
+            from_batch.pop(trial_id, None)
+    state["trial_data"] = [newest[trial_id] for trial_id in sorted(newest)]
+    return {trial_id: json.loads(entry[0])["status"] for trial_id, (_, entry) in from_batch.items()}
+
+
+def restored(controller, sealed: dict) -> None:
+    """The trials a restored ``controller`` read from batches: they are not written again while they stay as they were."""
+    _sealed[controller] = dict(sealed)
+
+
+def saved_trials(fs: pyarrow.fs.FileSystem, path: str, state_file: str | None = None) -> list:
+    """Each trial as the sweep dir at ``path`` last saved it (stub trials, as ``ExperimentAnalysis`` reads
+    them), from its newest experiment state or ``state_file``."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.experiment import Trial
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    state_file = state_file or _find_newest_experiment_checkpoint(experiment_path=path, fs=fs)
+    if state_file is None:
+        raise ValueError(f"no experiment state in {path}")
+    with fs.open_input_stream(state_file) as source:
+        state = _loads_with_cloudpickle(source.readall())
+    merge(state, fs, path)
+    trials = []
+    for trial_state, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_state, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        storage = copy.copy(trial.storage)
+        storage.storage_fs_path, storage.storage_filesystem = Path(path).parent.as_posix(), fs
+        storage.experiment_dir_name = Path(path).name
+        trial.set_storage(storage)
+        trials.append(trial)
+    return trials
+
+
+def _trial_id(entry: list) -> str:
+    return json.loads(entry[0])["trial_id"]
+
+
+def _batch_name(batch: int) -> str:
+    return f"finished-{batch:08d}.json"
+
+
+def _write_batch(fs: pyarrow.fs.FileSystem, path: str, batch: int, entries: list) -> None:
+    """Written under a temporary name and moved: a batch is whole or absent."""
+    directory = f"{path}/{FINISHED_DIR}"
+    fs.create_dir(directory, recursive=True)
+    temporary = f"{directory}/.{_batch_name(batch)}.partial"
+    with fs.open_output_stream(temporary) as sink:
+        sink.write(json.dumps({"batch": batch, "trial_data": entries}).encode())
+    fs.move(temporary, f"{directory}/{_batch_name(batch)}")
+
+
+def _batch_files(fs: pyarrow.fs.FileSystem, path: str) -> list:
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{FINISHED_DIR}", allow_not_found=True))
+    batches = [i for i in infos if i.base_name.startswith("finished-") and i.base_name.endswith(".json")]
+    return sorted(batches, key=lambda info: info.base_name)
+
+
+def _newest_batch(fs: pyarrow.fs.FileSystem, path: str) -> int:
+    files = _batch_files(fs, path)
+    return int(files[-1].base_name[len("finished-") : -len(".json")]) if files else -1
+
+
+def _batches(fs: pyarrow.fs.FileSystem, path: str):
+    for info in _batch_files(fs, path):
+        with fs.open_input_stream(info.path) as source:
+            batch = json.loads(source.readall())
+        yield batch["batch"], batch["trial_data"]
