@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,40 @@ RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
 RAY_FLAG_RULES = {"workers": PositiveInt, "cpus_per_worker": PositiveFloat, "max_failures": NonNegativeInt}
 
 
-def build_parser(add_help: bool = True) -> Parser:
+@dataclass(frozen=True)
+class Command:
+    """A command on toolbox.run's flags and preparation (toolbox.run, toolbox.lr_find): what it says and writes."""
+
+    prog: str  # "toolbox.run", as its lines begin
+    description: str
+    epilog: str
+    kind: str  # what its dir is (dirkind)
+    name_help: str
+    default_name: Callable[[argparse.Namespace], str]  # of the parsed flags
+    add_flags: Callable[[argparse.ArgumentParser], None] = lambda parser: None  # its own flags, beside the run's
+    check_flags: Callable[[argparse.Namespace], None] = lambda args: None  # raises ConfigError for its flags' bad values
+
+
+RUN_COMMAND = Command(
+    "toolbox.run",
+    __doc__.split(":", 1)[1].strip(),
+    EPILOG,
+    RUN,
+    "run name (default: run-<timestamp>); an existing name resumes",
+    lambda args: time.strftime("run-%Y%m%d-%H%M%S"),
+)
+
+
+def build_parser(add_help: bool = True, command: Command = RUN_COMMAND) -> Parser:
     parser = Parser(
-        prog="python -m toolbox.run",
+        prog=f"python -m {command.prog}",
         add_help=add_help,
-        description=__doc__.split(":", 1)[1].strip(),
-        epilog=EPILOG,
+        description=command.description,
+        epilog=command.epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(parser)
+    command.add_flags(parser)
     ray_flags = parser.add_argument_group("ray")
     # Defaults are None so that a same-name re-run can keep the run's own resources (resources.json).
     ray_flags.add_argument("--workers", type=int, help="DDP workers (default: 1)")
@@ -66,7 +92,7 @@ def build_parser(add_help: bool = True) -> Parser:
         default=3,
         help="worker-group restarts from the latest checkpoint after a worker dies (default: 3)",
     )
-    ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
+    ray_flags.add_argument("--name", help=command.name_help)
     ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
     ray_flags.add_argument("--resume", metavar="PATH", help="a checkpoint dir, or a run dir (its latest checkpoint)")
     cluster.add_ray_flags(ray_flags)
@@ -93,15 +119,16 @@ def _saved_resources(run_dir: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def prepare(argv: list[str] | None) -> Plan:
+def prepare(argv: list[str] | None, command: Command = RUN_COMMAND) -> Plan:
     """Parse and check everything, load the data: all the ways to fail happen here, before Ray."""
-    early = parse_before_imports(build_parser(add_help=False), argv)
+    early = parse_before_imports(build_parser(add_help=False, command=command), argv)
     user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
-    args = build_parser().parse_args(argv)
-    args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
+    args = build_parser(command=command).parse_args(argv)
+    command.check_flags(args)
+    args.name = command.default_name(args) if args.name is None else args.name
     args.address = cluster.given_address(args.address)
     where = place(args.storage, args.name)
-    refuse_unless(where, RUN)
+    refuse_unless(where, command.kind)
     run_dir = where.local
     if where.mirror is not None:
         where.mirror.pull(run_dir, (RESOURCES_FILE, CONFIG_FILE))
@@ -156,14 +183,14 @@ def follow(path: Path, stop: threading.Event) -> None:
             return
 
 
-def fit(plan: Plan):
-    """Start Ray and train; returns Ray Train's Result."""
+def start_ray(plan: Plan, prog: str) -> None:
+    """Start the private local Ray (or join --address), say where its dashboard is, and check that it holds the workers."""
     import ray
 
-    args, config = plan.args, plan.config
+    args = plan.args
     url = cluster.start(
         args.address,
-        job_name=f"toolbox.run {args.name}",
+        job_name=f"{prog} {args.name}",
         verbose=args.verbose,
         dashboard=args.dashboard,
         dashboard_host=args.dashboard_host,
@@ -175,6 +202,42 @@ def fit(plan: Plan):
         cluster.check_capacity(
             args.workers, args.cpus_per_worker, args.use_gpu, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0)
         )
+
+
+def plan_trainer(plan: Plan, **options):
+    """The TorchTrainer of the plan's config, data, workers, dir and checkpoint; ``options`` as ``torch_trainer`` takes them."""
+    import ray
+
+    args = plan.args
+    return torch_trainer(
+        plan.config,
+        ray.put(plan.data.to_shared()),
+        Workers(args.workers, args.cpus_per_worker, 1.0 if args.use_gpu else 0.0),
+        name=args.name,
+        storage=plan.place,
+        resume_from=plan.resume_from,
+        max_failures=args.max_failures,
+        ray_ends_with_driver=not args.address,
+        **options,
+    )
+
+
+def fit_echoing(trainer, plan: Plan):
+    """``trainer.fit()`` (Ctrl-C raising KeyboardInterrupt), echoing the lines the controller adds to the dir's log."""
+    stop = threading.Event()
+    echo = threading.Thread(target=follow, args=(plan.place.local / LOG_FILE, stop), daemon=True)
+    echo.start()
+    try:
+        return fit_interruptibly(trainer)
+    finally:
+        stop.set()
+        echo.join()
+
+
+def fit(plan: Plan):
+    """Start Ray and train; returns Ray Train's Result."""
+    args, config = plan.args, plan.config
+    start_ray(plan, RUN_COMMAND.prog)
     epoch_log = EpochLog(plan.place.local, config["epochs"], mirror=plan.place.mirror)
     epoch_log.log(f"config {json.dumps(config)}")
     resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
@@ -186,40 +249,64 @@ def fit(plan: Plan):
         log.info("resuming from epoch %d: %s", plan.state["epoch"], plan.resume_from)
         if plan.resume_from.startswith(str(plan.place.local) + os.sep):  # its own rows, from the checkpoint it continues
             epoch_log.backfill(plan.state.get("history", []))
-    trainer = torch_trainer(
-        config,
-        ray.put(plan.data.to_shared()),
-        Workers(args.workers, args.cpus_per_worker, 1.0 if args.use_gpu else 0.0),
-        name=args.name,
-        storage=plan.place,
-        resume_from=plan.resume_from,
-        max_failures=args.max_failures,
-        hparams=changed_keys(config),
-        live_tags={"sweep": "toolbox.run", "trial": args.name},
-        ray_ends_with_driver=not args.address,
-    )
-    stop = threading.Event()
-    echo = threading.Thread(target=follow, args=(plan.place.local / LOG_FILE, stop), daemon=True)
-    echo.start()
-    try:
-        return fit_interruptibly(trainer)
-    finally:
-        stop.set()
-        echo.join()
+    trainer = plan_trainer(plan, hparams=changed_keys(config), live_tags={"sweep": "toolbox.run", "trial": args.name})
+    return fit_echoing(trainer, plan)
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepared(argv: list[str] | None, command: Command) -> Plan | int:
+    """``prepare``'s plan, or the exit code of a refusal or an interruption (said in one line) before anything started."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     signals.end_on_sigterm_like_ctrl_c()
     try:
-        plan = prepare(argv)
+        return prepare(argv, command)
     except ConfigError as exc:
-        print(f"toolbox.run: error: {exc}", file=sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         how, code = signals.interruption()
-        print(f"toolbox.run: {how}: nothing had started", file=sys.stderr)
+        print(f"{command.prog}: {how}: nothing had started", file=sys.stderr)
         return code
+
+
+def fitted(
+    plan: Plan, command: Command, fit: Callable[[Plan], Any], ended: Callable[[str], str], kept: Callable[[], str]
+) -> tuple[Any, int] | int:
+    """``fit(plan)`` in the plan's dir, locked and marked as the command's, then Ray stopped: the result and the
+    placement groups left. Or the exit code of a refusal, an interruption or a failure, said in one line: an
+    interruption's as ``ended(how)``, a failure's with what is ``kept()``."""
+    lock = None
+    signals.last_words(lambda how: signals.say_end(ended(how)))
+    try:
+        lock = DirLock(plan.place.local, command.kind)
+        mark(plan.place, command.kind)
+        result = fit(plan)
+    except ConfigError as exc:
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        how, code = signals.interruption()
+        signals.say_end(ended(how))
+        return code
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
+        deterministic = deterministic_cause(exc)
+        why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)
+        print(f"{command.prog}: training failed: {why}; {kept()}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            placement_groups_left = cluster.stop()
+        except Exception as exc:  # noqa: BLE001 - a Ray that broke down may not stop cleanly; say so in one line
+            placement_groups_left = -1
+            print(f"{command.prog}: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
+    return result, placement_groups_left
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = prepared(argv, RUN_COMMAND)
+    if isinstance(plan, int):
+        return plan
     log.info(
         "run %s: %s on %s, %d epochs, %d worker(s) -> %s",
         plan.args.name,
@@ -236,32 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             Path(plan.resume_from).resolve().relative_to(sweep_dir).parts[0],
             ", ".join(f"{key} {value}" for key, value in changed_keys(plan.state["config"]).items()),
         )
-    lock = None
-    signals.last_words(lambda how: signals.say_end(_ended(how, plan.place.local)))
-    try:
-        lock = DirLock(plan.place.local, "run")
-        mark(plan.place, RUN)
-        result = fit(plan)
-    except ConfigError as exc:
-        print(f"toolbox.run: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        how, code = signals.interruption()
-        signals.say_end(_ended(how, plan.place.local))
-        return code
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        deterministic = deterministic_cause(exc)
-        why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)
-        print(f"toolbox.run: training failed: {why}; {_kept(plan.place.local)}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            placement_groups_left = cluster.stop()
-        except Exception as exc:  # noqa: BLE001 - a Ray that broke down may not stop cleanly; say so in one line
-            placement_groups_left = -1
-            print(f"toolbox.run: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
-        if lock is not None:
-            lock.release()
+    outcome = fitted(plan, RUN_COMMAND, fit, lambda how: _ended(how, plan.place.local), lambda: _kept(plan.place.local))
+    if isinstance(outcome, int):
+        return outcome
+    result, placement_groups_left = outcome
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
     if best:
         log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)
