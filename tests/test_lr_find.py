@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import TINY_DUMMY, run_cli, train_locally
 from test_refusals import refused
 
 from toolbox import lr_find
 from toolbox.components.models import MODELS
 from toolbox.config.resolve import resolve
 from toolbox.run import main as run_main
-from toolbox.training.builders import build_dataset
+from toolbox.training.builders import build_criterion, build_dataset, build_model
+from toolbox.training.checkpoint import load_state
 from toolbox.training.lr_range import Curve, Ramp, suggest
+from toolbox.training.phases import training_batches
 from toolbox.training.range_test import range_test
 from toolbox.training.session import local_session
 
@@ -65,10 +67,11 @@ def linear_model(monkeypatch):
     exec(LINEAR_MODEL, {})
 
 
-def local_curve(config: dict) -> Curve:
+def local_curve(config: dict, resume_from: Path | None = None) -> Curve:
     """The range test of ``config`` in this process, one rank, no Ray."""
     data = build_dataset(config)
-    return range_test(config, data, local_session(lambda metrics, checkpoint: None), RAMP, Curve())
+    session = local_session(lambda metrics, checkpoint: None)
+    return range_test(config, data, session, RAMP, Curve(), str(resume_from) if resume_from else None)
 
 
 def test_the_ramp_rises_exponentially_from_start_to_end():
@@ -187,3 +190,16 @@ def test_bad_range_test_flags_are_refused_before_ray(flags, said, tmp_path, caps
     line = refused(lr_find.main, [*flags, "--storage", str(tmp_path)], capsys)
     assert line.startswith("toolbox.lr_find: error: ") and said in line, line
     assert not list(tmp_path.iterdir())
+
+
+def test_a_range_test_resumed_from_a_checkpoint_starts_from_its_weights(tmp_path):
+    config = resolve({**TINY_DUMMY, "epochs": 1, "batch_size": 16, "ff_hidden_sizes": (8,)})
+    data = build_dataset(config)
+    train_locally(config, data, checkpoints=tmp_path)
+    trained = build_model(config, data.spec)
+    trained.load_state_dict(load_state(tmp_path / "epoch_1")["model"])
+    inputs, targets = next(iter(training_batches(config, data, 0, local_session(lambda metrics, checkpoint: None))))
+    with torch.no_grad():
+        want = build_criterion(config)(trained(inputs), targets).item()
+    assert local_curve(config, tmp_path / "epoch_1").rows[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert local_curve(config).rows[0]["loss"] != pytest.approx(want, rel=1e-3)
