@@ -15,7 +15,7 @@ from toolbox.config.registry import ConfigError, Fraction, PositiveFloat, Positi
 from toolbox.config.resolve import TRAINING_OPTIONS, coerce
 from toolbox.distributed.dirkind import LR_FIND
 from toolbox.distributed.trainer import REPORTS_FILE, range_test_worker
-from toolbox.run import Command, Plan, fit_echoing, fitted, plan_trainer, prepared, start_ray
+from toolbox.driver import Command, Plan, fit_echoing, fitted, plan_trainer, prepared, start_ray
 from toolbox.training.epochlog import replace_file
 from toolbox.training.lr_range import RANGE_RULE, SUGGESTION_RULE, Curve, Ramp, Suggestion, describe, suggest
 
@@ -112,14 +112,14 @@ def csv_text(rows: list[dict]) -> str:
 
 def summary(plan: Plan, curves: list[dict], suggestion: Suggestion) -> dict:
     """lr_find.json: the suggestion and its range, their rules, and how the test ran."""
-    args, (rows, diverged) = plan.args, (curves[0]["rows"], curves[0]["diverged"])
+    args, rows = plan.args, curves[0]["rows"]
     return {
         "suggestion": suggestion.lr,
         "range": None if suggestion.lr is None else [suggestion.low, suggestion.high],
         "rule": {"suggestion": SUGGESTION_RULE, "range": RANGE_RULE},
         "why_none": suggestion.why or None,
         "minimum_lr": suggestion.minimum_lr,
-        "stopped_early": diverged,
+        "stopped_early": curves[0]["diverged"],
         "steps": len(rows),
         "max_steps": args.steps,
         "start_lr": args.start_lr,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.place.local,
     )
     nothing = "the range test writes its outputs only at its end"
-    ended = lambda how: f"{COMMAND.prog}: {how}: {nothing}; re-run the same command to test again"  # noqa: E731
+    ended = lambda how: f"{COMMAND.prog}: {how}: {nothing}; re-run the same command to test again"
     outcome = fitted(plan, COMMAND, fit, ended, lambda: nothing)
     if isinstance(outcome, int):
         return outcome
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         suggestion = suggest(rows, args.steps)
         write_outputs(plan, curves, suggestion)
     except OSError as exc:
-        print(f"{COMMAND.prog}: writing its outputs failed: {describe_failure(exc)}", file=sys.stderr)
+        print(f"{COMMAND.prog}: saving the curve failed: {describe_failure(exc)}", file=sys.stderr)
         return 1
     log.info("%s; outputs in %s", how_it_stopped(rows, diverged, args.steps), plan.place.local)
     log.info(describe(suggestion))

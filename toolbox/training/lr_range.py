@@ -27,9 +27,7 @@ class Ramp:
         return self.start_lr * (self.end_lr / self.start_lr) ** (step / (self.steps - 1))
 
     def refusal(self) -> str | None:
-        """What is wrong with the ramp's values, or None."""
-        if not all(math.isfinite(v) and v > 0 for v in (self.start_lr, self.end_lr)):
-            return f"--start-lr and --end-lr must be finite and > 0, got {self.start_lr:g} and {self.end_lr:g}"
+        """What is wrong with the ramp's values (each a positive number already), or None."""
         if self.end_lr <= self.start_lr:
             return f"--end-lr {self.end_lr:g} must be larger than --start-lr {self.start_lr:g}"
         if self.steps < 2:
