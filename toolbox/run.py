@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from toolbox.config import user_code
-from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
-from toolbox.config.registry import ConfigError, NonNegativeInt, PositiveFloat, PositiveInt
-from toolbox.config.resolve import changed_keys, coerce, resolve
-from toolbox.data.splits import DatasetSplits
-from toolbox.data.tensors import TensorData
-from toolbox.distributed import cluster, signals
-from toolbox.distributed.dirkind import RUN, mark, refuse_unless, sweep_holding
-from toolbox.distributed.locations import DirLock, Place, check_address, place
-from toolbox.distributed.trainer import Workers, torch_trainer
-from toolbox.distributed.trainer import fit as fit_interruptibly
-from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
-from toolbox.training.checkpoint import STATE_FILE, load_latest
-from toolbox.training.epochlog import LOG_FILE, EpochLog, read_rows, replace_file
-from toolbox.training.failures import deterministic_cause
-from toolbox.training.loop import warn_if_bf16_is_slow
+from toolbox import driver
+from toolbox.config.flags import Parser, describe_failure, exit_with
+from toolbox.config.resolve import changed_keys
+from toolbox.distributed.dirkind import RUN, sweep_holding
+from toolbox.driver import (
+    CONFIG_FILE,
+    RESOURCE_DEFAULTS,
+    RESOURCES_FILE,
+    Command,
+    Plan,
+    fit_echoing,
+    fitted,
+    plan_trainer,
+    prepared,
+    start_ray,
+)
+from toolbox.training.epochlog import EpochLog, read_rows, replace_file
 
 log = logging.getLogger("toolbox")
 
@@ -40,141 +37,29 @@ checkpoint; --resume PATH starts from another run's checkpoint (a checkpoint dir
 """
 
 
-RESOURCES_FILE, CONFIG_FILE = "resources.json", "config.json"
-RESOURCE_DEFAULTS = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": False}
-# The value rules of the Ray flags (the training flags' rules are their components' signatures).
-RAY_FLAG_RULES = {"workers": PositiveInt, "cpus_per_worker": PositiveFloat, "max_failures": NonNegativeInt}
+RUN_COMMAND = Command(
+    "toolbox.run",
+    __doc__.split(":", 1)[1].strip(),
+    EPILOG,
+    RUN,
+    "run name (default: run-<timestamp>); an existing name resumes",
+    lambda args: time.strftime("run-%Y%m%d-%H%M%S"),
+)
 
 
 def build_parser(add_help: bool = True) -> Parser:
-    parser = Parser(
-        prog="python -m toolbox.run",
-        add_help=add_help,
-        description=__doc__.split(":", 1)[1].strip(),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_flags(parser)
-    ray_flags = parser.add_argument_group("ray")
-    # Defaults are None so that a same-name re-run can keep the run's own resources (resources.json).
-    ray_flags.add_argument("--workers", type=int, help="DDP workers (default: 1)")
-    ray_flags.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, help="one GPU per worker")
-    ray_flags.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default: 1)")
-    ray_flags.add_argument(
-        "--max-failures",
-        type=int,
-        default=3,
-        help="worker-group restarts from the latest checkpoint after a worker dies (default: 3)",
-    )
-    ray_flags.add_argument("--name", help="run name (default: run-<timestamp>); an existing name resumes")
-    ray_flags.add_argument("--storage", default="./ray_results", help="where run dirs go (default: ./ray_results)")
-    ray_flags.add_argument("--resume", metavar="PATH", help="a checkpoint dir, or a run dir (its latest checkpoint)")
-    cluster.add_ray_flags(ray_flags)
-    return parser
-
-
-@dataclass
-class Plan:
-    """Everything decided before Ray starts."""
-
-    config: dict[str, Any]
-    args: argparse.Namespace
-    data: TensorData | DatasetSplits
-    place: Place  # the run dir, local or under a storage URI
-    resume_from: str | None
-    state: dict | None  # the checkpoint resumed from
-
-
-def _saved_resources(run_dir: Path) -> dict:
-    try:
-        saved = json.loads((run_dir / RESOURCES_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+    return driver.build_parser(RUN_COMMAND, add_help)
 
 
 def prepare(argv: list[str] | None) -> Plan:
     """Parse and check everything, load the data: all the ways to fail happen here, before Ray."""
-    early = parse_before_imports(build_parser(add_help=False), argv)
-    user_code.load(user_code.canonical(getattr(early, "imports", ())))  # their components' flags, in --help too
-    args = build_parser().parse_args(argv)
-    args.name = time.strftime("run-%Y%m%d-%H%M%S") if args.name is None else args.name
-    args.address = cluster.given_address(args.address)
-    where = place(args.storage, args.name)
-    refuse_unless(where, RUN)
-    run_dir = where.local
-    if where.mirror is not None:
-        where.mirror.pull(run_dir, (RESOURCES_FILE, CONFIG_FILE))
-    saved = _saved_resources(run_dir)
-    for key, default in RESOURCE_DEFAULTS.items():  # a re-run keeps its workers unless told otherwise
-        if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, default))
-    for key, rule in RAY_FLAG_RULES.items():
-        setattr(args, key, coerce(key, rule, getattr(args, key)))
-    resume_path, state, base = None, None, None
-    continues = run_dir.is_dir() and any(run_dir.rglob(STATE_FILE))
-    if args.resume and (continues or (where.remote and (run_dir / CONFIG_FILE).is_file())):
-        raise ConfigError(f"--resume: run {args.name!r} has checkpoints of its own, which it continues from; use a new --name")
-    # A run under a URI continues from Ray's own record of its checkpoints, with its saved config.
-    if args.resume or (continues and not where.remote):
-        resume_path, state = load_latest(args.resume or run_dir)
-        resume_path, base = str(resume_path), state["config"]
-    elif where.remote and (run_dir / CONFIG_FILE).is_file():
-        base = json.loads((run_dir / CONFIG_FILE).read_text())
-    config = resolve(given_config(args), base=base)
-    data = build_dataset(config)
-    model = check_components(config, data.spec)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"checkpoint {resume_path} does not match the model's architecture: {detail}") from None
-    check_against_data(config, model, data)
-    check_shards(data, args.workers, "--workers")
-    warn_if_bf16_is_slow(config, args.use_gpu)
-    if args.address:
-        args.address = check_address(args.address)
-    else:
-        cluster.check_capacity(args.workers, args.cpus_per_worker, args.use_gpu)
-    return Plan(config, args, data, where, resume_path, state)
-
-
-def follow(path: Path, stop: threading.Event) -> None:
-    """Echo lines appended to ``path`` until ``stop`` (the epoch lines, written by the controller)."""
-    offset = path.stat().st_size if path.exists() else 0
-    while True:
-        finished = stop.wait(0.5)
-        if path.exists():
-            with open(path) as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-            for line in chunk.splitlines():
-                print(line.split(" ", 2)[-1], flush=True)  # drop the timestamp
-        if finished:
-            return
+    return driver.prepare(argv, RUN_COMMAND)
 
 
 def fit(plan: Plan):
     """Start Ray and train; returns Ray Train's Result."""
-    import ray
-
     args, config = plan.args, plan.config
-    url = cluster.start(
-        args.address,
-        job_name=f"toolbox.run {args.name}",
-        verbose=args.verbose,
-        dashboard=args.dashboard,
-        dashboard_host=args.dashboard_host,
-    )
-    cluster.announce(url, args.dashboard_host)
-    cluster.describe_session(plan.place.local, url)
-    if args.address:
-        resources = ray.cluster_resources()
-        cluster.check_capacity(
-            args.workers, args.cpus_per_worker, args.use_gpu, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0)
-        )
+    start_ray(plan, RUN_COMMAND.prog)
     epoch_log = EpochLog(plan.place.local, config["epochs"], mirror=plan.place.mirror)
     epoch_log.log(f"config {json.dumps(config)}")
     resources = {key: getattr(args, key) for key in RESOURCE_DEFAULTS}
@@ -186,40 +71,14 @@ def fit(plan: Plan):
         log.info("resuming from epoch %d: %s", plan.state["epoch"], plan.resume_from)
         if plan.resume_from.startswith(str(plan.place.local) + os.sep):  # its own rows, from the checkpoint it continues
             epoch_log.backfill(plan.state.get("history", []))
-    trainer = torch_trainer(
-        config,
-        ray.put(plan.data.to_shared()),
-        Workers(args.workers, args.cpus_per_worker, 1.0 if args.use_gpu else 0.0),
-        name=args.name,
-        storage=plan.place,
-        resume_from=plan.resume_from,
-        max_failures=args.max_failures,
-        hparams=changed_keys(config),
-        live_tags={"sweep": "toolbox.run", "trial": args.name},
-        ray_ends_with_driver=not args.address,
-    )
-    stop = threading.Event()
-    echo = threading.Thread(target=follow, args=(plan.place.local / LOG_FILE, stop), daemon=True)
-    echo.start()
-    try:
-        return fit_interruptibly(trainer)
-    finally:
-        stop.set()
-        echo.join()
+    trainer = plan_trainer(plan, hparams=changed_keys(config), live_tags={"sweep": "toolbox.run", "trial": args.name})
+    return fit_echoing(trainer, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    signals.end_on_sigterm_like_ctrl_c()
-    try:
-        plan = prepare(argv)
-    except ConfigError as exc:
-        print(f"toolbox.run: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        how, code = signals.interruption()
-        print(f"toolbox.run: {how}: nothing had started", file=sys.stderr)
-        return code
+    plan = prepared(argv, RUN_COMMAND)
+    if isinstance(plan, int):
+        return plan
     log.info(
         "run %s: %s on %s, %d epochs, %d worker(s) -> %s",
         plan.args.name,
@@ -236,32 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             Path(plan.resume_from).resolve().relative_to(sweep_dir).parts[0],
             ", ".join(f"{key} {value}" for key, value in changed_keys(plan.state["config"]).items()),
         )
-    lock = None
-    signals.last_words(lambda how: signals.say_end(_ended(how, plan.place.local)))
-    try:
-        lock = DirLock(plan.place.local, "run")
-        mark(plan.place, RUN)
-        result = fit(plan)
-    except ConfigError as exc:
-        print(f"toolbox.run: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        how, code = signals.interruption()
-        signals.say_end(_ended(how, plan.place.local))
-        return code
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        deterministic = deterministic_cause(exc)
-        why = f"{deterministic}; not retried: a retry would fail the same way" if deterministic else describe_failure(exc)
-        print(f"toolbox.run: training failed: {why}; {_kept(plan.place.local)}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            placement_groups_left = cluster.stop()
-        except Exception as exc:  # noqa: BLE001 - a Ray that broke down may not stop cleanly; say so in one line
-            placement_groups_left = -1
-            print(f"toolbox.run: Ray did not shut down cleanly: {describe_failure(exc)}", file=sys.stderr)
-        if lock is not None:
-            lock.release()
+    outcome = fitted(plan, RUN_COMMAND, fit, lambda how: _ended(how, plan.place.local), lambda: _kept(plan.place.local))
+    if isinstance(outcome, int):
+        return outcome
+    result, placement_groups_left = outcome
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
     if best:
         log.info("best val_loss %.4f at epoch %d: %s", best[1]["val_loss"], best[1]["epoch"], best[0].path)

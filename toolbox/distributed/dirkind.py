@@ -1,5 +1,5 @@
-"""A run dir and a sweep dir each say what they are, so that neither command writes into, deletes or
-resumes from the other's (both default to ./ray_results, and a sweep is named after its file)."""
+"""A run dir, a sweep dir and an LR range test's dir each say what they are, so that no command writes into,
+deletes or resumes from another's (all default to ./ray_results, and a sweep is named after its file)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from toolbox.config.registry import ConfigError
 from toolbox.distributed.locations import LOCK_FILE, Place
 
 KIND_FILE = ".toolbox-kind"
-RUN, SWEEP = "run", "sweep"
+RUN, SWEEP, LR_FIND = "run", "sweep", "lr_find"
+WRITERS = {RUN: "toolbox.run", SWEEP: "toolbox.sweep", LR_FIND: "toolbox.lr_find"}
 # What dirs written before KIND_FILE existed hold at their top level.
 SWEEP_SIGNS = ("experiment_state-", "tuner.pkl", "results.parquet", "best.json", "run_trial_")
 RUN_SIGNS = ("config.json", "resources.json", "epochs.csv", "epochs.parquet", "training.log", "checkpoint_")
@@ -29,12 +30,12 @@ def _names(exp: Place) -> set[str]:
 
 
 def kind_of(exp: Place) -> str | None:
-    """RUN, SWEEP, or None for a dir that is absent, empty or holds neither kind's files."""
+    """RUN, SWEEP, LR_FIND, or None for a dir that is absent, empty or holds no kind's files."""
     names = _names(exp)
     if KIND_FILE in names:
         with exp.fs.open_input_stream(f"{exp.path}/{KIND_FILE}") as marker:
             said = marker.read().decode(errors="replace").strip()
-        if said in (RUN, SWEEP):
+        if said in WRITERS:
             return said
     if any(name.startswith(SWEEP_SIGNS) for name in names):
         return SWEEP
@@ -49,12 +50,11 @@ def holds_nothing(exp: Place) -> bool:
 
 
 def refuse_unless(exp: Place, kind: str, flag: str = "--name") -> None:
-    """Refuse a dir that holds the other kind's files (one line, nothing touched)."""
+    """Refuse a dir that holds another kind's files (one line, nothing touched)."""
     found = kind_of(exp)
     if found is not None and found != kind:
-        other = "toolbox.run" if found == RUN else "toolbox.sweep"
         raise ConfigError(
-            f"{exp.path} holds a {found} (written by {other}), not a {kind}: give this {kind} another {flag} or --storage"
+            f"{exp.path} holds a {found} (written by {WRITERS[found]}), not a {kind}: give this {kind} another {flag} or --storage"
         )
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from toolbox.distributed.locations import Place
-from toolbox.training.epochlog import EpochLog, read_rows
+from toolbox.training.epochlog import EpochLog, read_rows, replace_file
+
+REPORTS_FILE = "worker_reports.json"  # a worker's reports that are not epochs, a list of one per rank
 
 
 @dataclass(frozen=True)
@@ -23,18 +27,16 @@ class Workers:
         return max(1, int(self.cpus))
 
 
-def train_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker entry point."""
+def _worker_start(loop_config: dict):
+    """What every worker does first: the user's code, its threads, its data and its session."""
     import ray
     import torch
 
     from toolbox.config import user_code
     from toolbox.distributed.cluster import quiet_ray
-    from toolbox.distributed.live_metrics import LiveMetrics
     from toolbox.training.builders import shared_data
-    from toolbox.training.epochlog import format_row
     from toolbox.training.failures import fail_once
-    from toolbox.training.loop import flush_denormals, train
+    from toolbox.training.phases import flush_denormals
     from toolbox.training.session import train_session
 
     flush_denormals()
@@ -42,8 +44,17 @@ def train_worker(loop_config: dict) -> None:
     with fail_once():
         user_code.load(loop_config["config"]["imports"])
     torch.set_num_threads(loop_config["threads"])
-    data = shared_data(ray.get(loop_config["data"]), loop_config["config"])
-    session = train_session()
+    return shared_data(ray.get(loop_config["data"]), loop_config["config"]), train_session()
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    from toolbox.distributed.live_metrics import LiveMetrics
+    from toolbox.training.epochlog import format_row
+    from toolbox.training.failures import fail_once
+    from toolbox.training.loop import train
+
+    data, session = _worker_start(loop_config)
     if session.rank == 0:  # one worker's epoch lines in its log, and its numbers as Ray metrics
         report, live = session.report, LiveMetrics(**loop_config["live_tags"])
 
@@ -57,13 +68,31 @@ def train_worker(loop_config: dict) -> None:
         train(loop_config["config"], data, session, loop_config["resume_from"])
 
 
-def epoch_log_callback(where: Place, epochs: int, hparams: dict | None):
-    """A Ray Train callback, run in the controller on the driver's node, that writes the epoch table."""
+def range_test_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry point of the LR range test: every rank reports its curve once, and no checkpoint."""
+    from toolbox.training.failures import fail_once
+    from toolbox.training.lr_range import Curve, Ramp
+    from toolbox.training.range_test import range_test
+
+    data, session = _worker_start(loop_config)
+    ramp, curve = Ramp(**loop_config["settings"]["ramp"]), Curve(**loop_config["settings"]["curve"])
+    with fail_once(session):
+        range_test(loop_config["config"], data, session, ramp, curve, loop_config["resume_from"])
+    session.report({"rows": curve.rows, "diverged": curve.diverged}, None)
+
+
+def epoch_log_callback(where: Place, epochs: int, hparams: dict | None, rows: bool = True):
+    """A Ray Train callback, run in the controller on the driver's node, that writes the epoch table and the lines
+    that say a restart. Without ``rows`` the reports are not epochs: every rank's latest goes to ``REPORTS_FILE``."""
     from ray.train import UserCallback
 
     class EpochLogCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            self._log().append(metrics[0])
+            if rows:
+                self._log().append(metrics[0])
+            else:
+                where.local.mkdir(parents=True, exist_ok=True)
+                replace_file(where.local / REPORTS_FILE, json.dumps(metrics).encode())
 
         def _log(self) -> EpochLog:
             if not hasattr(self, "log"):
@@ -149,8 +178,11 @@ def torch_trainer(
     live_tags: dict | None = None,
     score: tuple[str, str] = ("val_loss", "min"),
     ray_ends_with_driver: bool = False,
+    worker: Callable[[dict], None] = train_worker,
+    settings: dict | None = None,
 ):
-    """A TorchTrainer of ``workers`` running the training loop on the shared dataset ``data_ref``.
+    """A TorchTrainer of ``workers`` running the training loop (or another ``worker``, given ``settings`` in
+    its loop config, whose reports are not epochs) on the shared dataset ``data_ref``.
 
     Ray writes ``storage.parent``/``name`` in ``storage.fs``; the epoch table goes to ``storage``'s own
     dir. It keeps the latest checkpoint and the best by ``score`` (a metric, and "min" or "max").
@@ -161,13 +193,14 @@ def torch_trainer(
 
     resources = {"CPU": workers.cpus} | ({"GPU": workers.gpus} if workers.gpus else {})
     return _lean_trainer(ray_ends_with_driver)(
-        train_worker,
+        worker,
         train_loop_config={
             "config": config,
             "data": data_ref,
             "resume_from": resume_from,
             "threads": workers.threads,
             "live_tags": live_tags or {"sweep": "", "trial": name},
+            "settings": settings or {},
         },
         scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(
@@ -179,7 +212,7 @@ def torch_trainer(
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             # The epoch table first: Tune may stop a trial inside TuneReportCallback's report.
-            callbacks=[epoch_log_callback(storage, config["epochs"], hparams), *callbacks],
+            callbacks=[epoch_log_callback(storage, config["epochs"], hparams, rows=worker is train_worker), *callbacks],
         ),
     )
 

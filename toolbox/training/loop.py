@@ -11,22 +11,22 @@ from torch import nn
 from toolbox.data.splits import DatasetSplits
 from toolbox.data.tensors import TensorData
 from toolbox.training.phases import (
+    Run,
     after_epoch_steps,
     after_step,
     augmented,
     batch_loss,
     checkpoint_state,
     end_epoch,
-    epoch_order,
     evaluate,
     flush_denormals,
-    loader_seed,
     report_epoch,
     restore,
     rng_states,
     setup,
     shard_size,
     take_step,
+    training_batches,
 )
 from toolbox.training.session import Session
 
@@ -41,7 +41,7 @@ def train(config: dict, data: TensorData | DatasetSplits, session: Session, resu
     run, state = setup(config, data, session, resume_from, session.prepare_model, torch.default_generator)
     if state is not None and restore(run, state):
         return
-    model, optimizer, batch_size = run.model, run.optimizer, config["batch_size"]
+    model, optimizer = run.model, run.optimizer
     plain_model = model.module if hasattr(model, "module") else model
     per_rank = shard_size(data.size("train"), session.world_size)
     data = data.to(session.device)
@@ -50,15 +50,11 @@ def train(config: dict, data: TensorData | DatasetSplits, session: Session, resu
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        shard = epoch_order(config, run.epoch, data.size("train"), session.rank, session.world_size)
         loss_sum = torch.zeros((), device=session.device)
-        for inputs, targets in data.batches("train", shard, batch_size, loader_seed(config, run.epoch, session.rank)):
+        for inputs, targets in training_batches(config, data, run.epoch, session):
             if run.first_step_time is None:
                 run.first_step_time = time.time()
-            inputs = augmented(run, inputs)
-            with autocast(config, session):
-                outputs = model(inputs)
-            loss = batch_loss(run, outputs, targets)
+            loss = training_loss(run, inputs, targets)
             take_step(loss, optimizer)
             after_step(run)
             loss_sum += loss.detach() * len(targets)
@@ -72,6 +68,14 @@ def train(config: dict, data: TensorData | DatasetSplits, session: Session, resu
         row = end_epoch(run, lr, train_loss, val, time.perf_counter() - started, samples_per_s)
         state = checkpoint_state(run, row, plain_model.state_dict(), optimizer.state_dict(), rng_states(run))
         report_epoch(session, row, state)
+
+
+def training_loss(run: Run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The run's loss on a training batch: augmented, and forward at the run's precision."""
+    inputs = augmented(run, inputs)
+    with autocast(run.config, run.session):
+        outputs = run.model(inputs)
+    return batch_loss(run, outputs, targets)
 
 
 def _forward(model: nn.Module, inputs: torch.Tensor, config: dict, session: Session) -> torch.Tensor:

@@ -2,7 +2,7 @@
 group (``fused.FusedGroup``) both call them, so a fused member is the unfused run to float rounding.
 
 A ``Run`` is one run's components and progress; ``setup`` builds it and ``restore`` continues it from
-a checkpoint; ``epoch_order``, ``augmented``, ``take_step``, ``after_step``, ``evaluate``, ``end_epoch`` and
+a checkpoint; ``epoch_order``, ``training_batches``, ``augmented``, ``take_step``, ``after_step``, ``evaluate``, ``end_epoch`` and
 ``checkpoint_state`` are what an epoch does with it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -171,6 +171,12 @@ def epoch_order(config: dict, epoch: int, num_samples: int, rank: int = 0, world
     if world_size == 1:
         return order
     return order[: shard_size(num_samples, world_size) * world_size][rank::world_size]
+
+
+def training_batches(config: dict, data: TensorData | DatasetSplits, epoch: int, session: Session) -> Iterator:
+    """The (inputs, targets) batches of ``session``'s rank in ``epoch``: its shard, in the run's order."""
+    shard = epoch_order(config, epoch, data.size("train"), session.rank, session.world_size)
+    return data.batches("train", shard, config["batch_size"], loader_seed(config, epoch, session.rank))
 
 
 def aligned(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,18 @@
-"""Sweep plots: the metric per epoch of every trial, and the LR schedule of the top trials."""
+"""Plots: a sweep's metric per epoch of every trial and LR schedule of the top trials; an LR range test's curve."""
 
 from __future__ import annotations
 
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toolbox.training.builders import lr_schedule
 from toolbox.training.epochlog import replace_file
-from toolbox.tuning.sweepfile import Sweep
+
+if TYPE_CHECKING:
+    from toolbox.training.lr_range import Suggestion
+    from toolbox.tuning.sweepfile import Sweep
 
 
 def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
@@ -90,6 +94,30 @@ def plot_confirmation(table: list[dict], sweep: Sweep, plots: Path) -> None:
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, plots / "confirm.png")
+
+
+def plot_lr_range(rows: list[dict], suggestion: Suggestion, title: str, path: Path) -> None:
+    """The loss and the smoothed loss against the lr (log axis), the suggested lr and its range marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if math.isfinite(r["loss"]) and math.isfinite(r["smoothed_loss"])]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["lr"] for r in shown], [r["loss"] for r in shown], alpha=0.35, lw=1, label="loss")
+    ax.plot([r["lr"] for r in shown], [r["smoothed_loss"] for r in shown], lw=2, label="smoothed loss")
+    if suggestion.lr is not None:
+        ax.axvspan(suggestion.low, suggestion.high, color="tab:green", alpha=0.12, label="range")
+        ax.axvline(suggestion.lr, color="tab:red", ls="--", label=f"suggested lr {suggestion.lr:.2e}")
+    top = max((r["smoothed_loss"] for r in shown[: len(shown) // 10 + 1]), default=0.0) * 1.5
+    lowest = min((min(r["loss"], r["smoothed_loss"]) for r in shown), default=0.0)
+    if top > lowest:  # the diverged tail would stretch the loss axis far beyond the curve's start
+        ax.set_ylim(bottom=lowest - 0.05 * (top - lowest), top=top)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:
