@@ -1,17 +1,24 @@
 """The sweep's saved trial states, at a cost per trial that does not grow with the sweep.
 
-Tune snapshots every trial into one experiment-state file at each step, a cost that grows as the
-square of the trial count. Here a snapshot holds only the unfinished trials; each trial that
-finishes is written once, in a small file of ``finished_trials/`` written straight to the sweep
-dir before the snapshot that leaves it out. Reading merges the two, the newer entry of a trial
-winning: a batch newer than the snapshot (a driver killed in between) holds what the snapshot lacks.
+Tune snapshots every trial into one experiment-state file at each step, and uploads its whole
+staging dir (a dir per trial) after each: two costs that grow as the square of the trial count.
+
+- A snapshot here holds only the unfinished trials; each trial that finishes is written once, in a
+  small file of ``finished_trials/`` written straight to the sweep dir before the snapshot that
+  leaves it out. Reading merges the two, the newer entry of a trial winning: a batch newer than the
+  snapshot (a driver killed in between) holds what the snapshot lacks.
+- An upload copies the staging dir's own files that changed, and looks only into the dirs of the
+  trials that changed since the last upload (Tune writes a trial's error files there).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -23,6 +30,9 @@ NEWEST_BATCH = "toolbox_finished_upto"  # the experiment state's key: the newest
 FINAL = ("TERMINATED", "ERROR")
 _sealed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> {trial id: status last written in a batch}
 _next_batch: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> the number of its next batch
+_changed_dirs: dict[str, set[str]] = {}  # staging dir -> its trial dirs that changed since its last upload
+_uploaded: dict[str, dict[str, bytes]] = {}  # staging dir -> each file's digest when last uploaded
+_changed_lock = threading.Lock()  # the controller adds to _changed_dirs while an upload thread takes from it
 
 
 def save(controller) -> None:
@@ -51,11 +61,46 @@ def save(controller) -> None:
         }
         staging = Path(storage.experiment_driver_staging_path)
         staging.mkdir(parents=True, exist_ok=True)
+        with _changed_lock:
+            _changed_dirs.setdefault(str(staging), set()).update(
+                t.storage.trial_dir_name for t in changed if t.storage.trial_dir_name
+            )
         (staging / controller.experiment_state_file_name).write_text(json.dumps(state, cls=TuneFunctionEncoder))
         controller._search_alg.save_to_dir(str(staging), session_str=controller._session_str)
         controller._callbacks.save_to_dir(str(staging), session_str=controller._session_str)
     except BaseException:
         controller._trials_to_cache |= changed  # a failed snapshot is taken again at the next step
+        raise
+
+
+def upload_command(fs: pyarrow.fs.FileSystem, staging: str, fs_path: str):
+    """What ``_FilesystemSyncer`` runs in its thread to upload the staging dir ``staging``: a function and its arguments."""
+    with _changed_lock:
+        trial_dirs = _changed_dirs.pop(staging, set())
+    return _upload_changed, {"staging": staging, "fs": fs, "fs_path": fs_path, "trial_dirs": trial_dirs}
+
+
+def _upload_changed(staging: str, fs: pyarrow.fs.FileSystem, fs_path: str, trial_dirs: set[str]) -> None:
+    uploaded = _uploaded.setdefault(staging, {})
+    try:
+        files = [entry.name for entry in os.scandir(staging) if entry.is_file()]
+        for trial_dir in trial_dirs:
+            for parent, _, names in os.walk(Path(staging, trial_dir)):
+                files += [os.path.relpath(Path(parent, name), staging) for name in names]
+        for name in files:
+            data = Path(staging, name).read_bytes()
+            digest = hashlib.blake2b(data, digest_size=16).digest()  # a rewrite can keep the size and the mtime's tick
+            if uploaded.get(name) == digest:
+                continue
+            parent = Path(name).parent
+            if name not in uploaded and parent != Path("."):
+                fs.create_dir(f"{fs_path}/{parent.as_posix()}", recursive=True)
+            with fs.open_output_stream(f"{fs_path}/{Path(name).as_posix()}") as sink:
+                sink.write(data)
+            uploaded[name] = digest
+    except BaseException:
+        with _changed_lock:  # looked into again by the next upload
+            _changed_dirs.setdefault(staging, set()).update(trial_dirs)
         raise
 
 

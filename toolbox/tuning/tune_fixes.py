@@ -1,7 +1,8 @@
 """Fixes to Ray Tune 2.60's driver, each through one private hook, each installed once and skipped if the hook is gone.
 
 - Snapshots: skip the identical experiment snapshots that toolbox's snapshot period of 0 would take,
-  and write each finished trial once rather than into every snapshot (``snapshots``).
+  write each finished trial once rather than into every snapshot, and upload only the files that
+  changed (``snapshots``).
 - Staging race: Tune rewrites its local staging dir while a background thread is still uploading
   it, so the upload can miss a renamed temporary file and log a traceback; wait for it first.
 - Killed trials: an actor task that fails with a Ray error other than an actor's or a task's (a
@@ -48,6 +49,7 @@ def install() -> None:
         save_finished_trials_once,
         restore_finished_trials,
         read_finished_trials,
+        upload_only_what_changed,
         wait_for_the_previous_upload,
         save_every_status_change,
         fail_the_trial_of_a_killed_actor,
@@ -128,6 +130,24 @@ def read_finished_trials() -> None:
 
     _load_trials.toolbox_merges = True
     ExperimentAnalysis._load_trials = _load_trials
+
+
+def upload_only_what_changed() -> None:
+    from ray.train._internal.storage import _FilesystemSyncer
+
+    from toolbox.tuning import snapshots
+
+    command = _FilesystemSyncer._sync_up_command
+    if getattr(command, "toolbox_uploads_changes", False):
+        return
+
+    def _sync_up_command(self, local_path, uri, exclude=None):
+        if exclude:
+            return command(self, local_path, uri, exclude)
+        return snapshots.upload_command(self.storage_filesystem, local_path, uri)
+
+    _sync_up_command.toolbox_uploads_changes = True
+    _FilesystemSyncer._sync_up_command = _sync_up_command
 
 
 def wait_for_the_previous_upload() -> None:
