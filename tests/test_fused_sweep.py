@@ -14,10 +14,10 @@ from helpers import run_cli
 
 GRID = """\
 from ray import tune
-base = {"dummy_n_samples": 512, "dummy_val_n_samples": 128, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "batch_size": 32}
-space = {"lr": tune.grid_search([1e-3, 3e-3, 1e-2]), "scheduler": tune.grid_search(["none", "cosine_annealing_lr"])}
+base = {"dummy_n_samples": 256, "dummy_val_n_samples": 64, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "batch_size": 32}
+space = {"lr": tune.grid_search([1e-3, 1e-2]), "scheduler": tune.grid_search(["none", "cosine_annealing_lr"])}
 num_samples = 1
-epochs = 3
+epochs = 2
 trial_scheduler = "fifo"
 """
 
@@ -43,18 +43,18 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 @pytest.mark.timeout(600)
 def test_fused_trials_give_the_unfused_trials_numbers(tmp_path):
     path = write(tmp_path, "grid", GRID)
-    fused = sweep(path, "--storage", str(tmp_path), "--name", "fused", "--fuse", "3", "--seed", "4")
+    fused = sweep(path, "--storage", str(tmp_path), "--name", "fused", "--fuse", "2", "--seed", "4")  # two stacks
     sweep(path, "--storage", str(tmp_path), "--name", "unfused", "--seed", "4")
     assert "cannot fuse" not in fused.stdout
     a, b = epochs_by_trial(tmp_path / "fused"), epochs_by_trial(tmp_path / "unfused")
-    assert len(a) == len(b) == 6
+    assert len(a) == len(b) == 4
     for trial, rows in a.items():
-        assert [r["epoch"] for r in rows] == [r["epoch"] for r in b[trial]] == [1, 2, 3]
+        assert [r["epoch"] for r in rows] == [r["epoch"] for r in b[trial]] == [1, 2]
         for x, y in zip(rows, b[trial]):
             for key in ("lr", "train_loss", "val_loss", "val_top_1_accuracy"):
                 assert x[key] == pytest.approx(y[key], rel=1e-5), (trial, x["epoch"], key)
     results = pq.read_table(tmp_path / "fused" / "results.parquet").to_pylist()
-    assert len(results) == 6 and all(r["status"] == "done" for r in results)
+    assert len(results) == 4 and all(r["status"] == "done" for r in results)
 
 
 EARLY_STOPPING = {  # HyperBand pauses trials: its sweeps run unfused (test_sweepfile)
@@ -69,17 +69,17 @@ def test_early_stopping_stops_fused_members_on_their_own(scheduler, tmp_path):
     path = write(
         tmp_path,
         scheduler,
-        GRID.replace("[1e-3, 3e-3, 1e-2]", "[3e-2, 1e-2, 1e-7, 1e-7]")
+        GRID.replace("[1e-3, 1e-2]", "[3e-2, 1e-2, 1e-7, 1e-7]")
         .replace(
             'trial_scheduler = "fifo"', f"trial_scheduler = {scheduler!r}\nscheduler_options = {EARLY_STOPPING[scheduler]!r}"
         )
-        .replace("epochs = 3", "epochs = 4"),
+        .replace("epochs = 2", "epochs = 3"),
     )
     sweep(path, "--storage", str(tmp_path), "--fuse", "4")
     rows = pq.read_table(tmp_path / scheduler / "results.parquet").to_pylist()
     assert len(rows) == 8
-    assert any(r["status"] == "stopped" and r["epochs"] < 4 for r in rows), rows
-    assert any(r["status"] == "done" and r["epochs"] == 4 for r in rows), rows
+    assert any(r["status"] == "stopped" and r["epochs"] < 3 for r in rows), rows
+    assert any(r["status"] == "done" and r["epochs"] == 3 for r in rows), rows
     for trial, epochs in epochs_by_trial(tmp_path / scheduler).items():
         assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1)), trial
 
@@ -91,7 +91,7 @@ def test_pbt_exploits_fused_members(tmp_path):
         "pbt",
         """\
         from ray import tune
-        base = {"dummy_n_samples": 512, "dummy_val_n_samples": 128, "ff_hidden_sizes": (32,), "batch_size": 32}
+        base = {"dummy_n_samples": 256, "dummy_val_n_samples": 64, "ff_hidden_sizes": (32,), "batch_size": 32}
         space = {"lr": tune.loguniform(1e-4, 3e-2)}
         num_samples = 4
         epochs = 6
@@ -110,7 +110,7 @@ def test_pbt_exploits_fused_members(tmp_path):
 @pytest.mark.timeout(300)
 def test_trials_that_cannot_fuse_run_unfused_and_the_sweep_says_why(tmp_path):
     path = write(tmp_path, "mixed", GRID.replace("num_samples = 1", 'num_samples = 1\nbase["precision"] = "bf16-mixed"'))
-    done = sweep(path, "--storage", str(tmp_path), "--fuse", "3")
+    done = sweep(path, "--storage", str(tmp_path), "--fuse", "2")
     lines = [line for line in done.stdout.splitlines() if "cannot fuse" in line]
     assert len(lines) == 1 and "precision 'bf16-mixed'" in lines[0] and "each trial runs in its own process" in lines[0]
-    assert len(pq.read_table(tmp_path / "mixed" / "results.parquet").to_pylist()) == 6
+    assert len(pq.read_table(tmp_path / "mixed" / "results.parquet").to_pylist()) == 4
