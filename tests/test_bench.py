@@ -15,12 +15,15 @@ from helpers import ROOT, python_env
 
 from toolbox.bench.baselines import original_toolbox_epoch_s
 
+# Two epochs per timed run: a figure of one try (the second epoch) is enough to check that every row is made.
+BENCH = [sys.executable, "-m", "toolbox.bench", "--run-epochs", "2"]
+
 
 def test_bench_data_section_prints_every_row_with_its_baseline(tiny_mnist, tmp_path):
     root, _ = tiny_mnist
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "toolbox.bench", "--only", "data", "--mnist-root", str(root), "--out", str(out)],
+        [*BENCH, "--only", "data", "--mnist-root", str(root), "--out", str(out)],
         cwd=ROOT,
         env=python_env(),
         capture_output=True,
@@ -48,7 +51,7 @@ def test_bench_datapath_section_reports_the_dataloader_and_augmentation_rows(tin
     root, _ = tiny_mnist
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "toolbox.bench", "--only", "datapath", "--mnist-root", str(root), "--out", str(out)],
+        [*BENCH, "--only", "datapath", "--mnist-root", str(root), "--out", str(out)],
         cwd=ROOT,
         env=python_env(),
         capture_output=True,

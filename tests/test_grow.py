@@ -57,10 +57,13 @@ def epochs_files(exp_dir: Path) -> dict[str, bytes]:
     return {d.name: (d / "epochs.csv").read_bytes() for d in trial_dirs(exp_dir)}
 
 
-@pytest.mark.timeout(900)
-def test_more_trials_add_new_ones_only_even_when_the_grow_is_killed(tmp_path):
+@pytest.fixture(scope="module")
+def grown_to_four(tmp_path_factory) -> dict:
+    """A 2-trial sweep grown to 4 trials, the grow's driver killed mid-way and the same command re-run: its args,
+    its dir, the first trials' epochs files from before the grow, and the re-run's output."""
+    tmp_path = tmp_path_factory.mktemp("more")
     path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\n')
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -69,10 +72,16 @@ def test_more_trials_add_new_ones_only_even_when_the_grow_is_killed(tmp_path):
     killed_mid_way([*args, "--num-samples", "4"], after="[3/4]")
     again = sweep(*args, "--num-samples", "4")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "interrupted" not in again.stderr
+    return {"args": args, "exp_dir": exp_dir, "before": before, "again": again}
+
+
+@pytest.mark.timeout(900)
+def test_more_trials_add_new_ones_only_even_when_the_grow_is_killed(grown_to_four):
+    args, exp_dir, before = grown_to_four["args"], grown_to_four["exp_dir"], grown_to_four["before"]
+    assert "interrupted" not in grown_to_four["again"].stderr
 
     rows = rows_of(exp_dir)
-    assert len(rows) == 4 and all(r["status"] == "done" for r in rows.values()), rows
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows.values()), (rows, "runs before the confirm test")
     assert len(trial_dirs(exp_dir)) == 4, "no orphan trial dir"
     assert {k: v for k, v in epochs_files(exp_dir).items() if k in before} == before, "the first trials never ran again"
     for trial in trial_dirs(exp_dir):
@@ -86,6 +95,47 @@ def test_more_trials_add_new_ones_only_even_when_the_grow_is_killed(tmp_path):
     assert same.returncode == 0 and "new trials" not in same.stdout and "growing" not in same.stdout, same.stdout[-2000:]
 
 
+@pytest.mark.timeout(1200)
+def test_confirm_retrains_the_best_over_new_seeds_survives_a_driver_kill_and_outlives_a_grow(grown_to_four):
+    """``--confirm K --seeds S`` on the grown sweep: its best configurations re-trained over new seeds, as a sweep
+    of their own in its dir (resumable, and kept when the sweep grows again)."""
+    args, exp_dir = grown_to_four["args"], grown_to_four["exp_dir"]
+    ranked = pq.read_table(exp_dir / "results.parquet").to_pylist()
+
+    confirm = [*args, "--num-samples", "4", "--confirm", "2", "--seeds", "3"]
+    killed_mid_way(confirm, after="[2/6]")
+    again = sweep(*confirm)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    verdict = next(line for line in again.stdout.splitlines() if "the sweep's winner" in line)
+    assert f"trial {ranked[0]['trial_id']} ranked 1st on one seed" in verdict and "on the mean of 3" in verdict, verdict
+
+    table = pq.read_table(exp_dir / "confirm.parquet").to_pylist()
+    assert {r["trial_id"] for r in table} == {ranked[0]["trial_id"], ranked[1]["trial_id"]}
+    runs = {d.name: d for d in (exp_dir / "confirm").glob("run_trial_*")}
+    assert len(runs) == 6, "each configuration x seed once, the killed ones resumed"
+    for row in table:
+        assert row["seeds"] == [2, 3, 4], "seeds the search never trained on"
+        assert len(row["values"]) == 3 and abs(row["mean"] - sum(row["values"]) / 3) < 1e-9
+        assert row["ci95_low"] <= row["mean"] <= row["ci95_high"]
+    for run_dir in runs.values():
+        assert_every_epoch_once(run_dir, 2)
+    trained = pq.read_table(exp_dir / "confirm" / "results.parquet").to_pylist()
+    assert sorted((r["candidate"], r["seed"]) for r in trained) == sorted(
+        (t, s) for t in {r["trial_id"] for r in table} for s in (2, 3, 4)
+    )
+    best = json.loads((exp_dir / "best.json").read_text())
+    assert (
+        best["confirmed"]["trial_id"] == table[0]["trial_id"]
+        and "for seed in 2 3 4; do python -m toolbox.run" in best["confirmed"]["command"]
+    )
+    assert (exp_dir / "plots" / "confirm.png").stat().st_size > 0
+
+    more = sweep(*args, "--num-samples", "5")  # a confirmation is not lost when the sweep grows
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert json.loads((exp_dir / "best.json").read_text())["confirmed"] == best["confirmed"]
+    assert pq.read_table(exp_dir / "confirm.parquet").to_pylist() == table
+
+
 @pytest.mark.timeout(900)
 def test_more_epochs_continue_the_trials_that_reached_the_budget_and_early_stopped_ones_stay_stopped(tmp_path):
     """ASHA stops the trials whose lr barely moves them at epoch 1; the others reached 2 epochs and continue to 4."""
@@ -95,7 +145,7 @@ def test_more_epochs_continue_the_trials_that_reached_the_budget_and_early_stopp
     scheduler_options = {"grace_period": 1, "reduction_factor": 2}
     """
     path = write(tmp_path, body)
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -127,7 +177,7 @@ def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the
     scheduler_options = {"grace_period": 1, "reduction_factor": 2}
     """
     path = write(tmp_path, body)
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -153,7 +203,7 @@ def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the
 @pytest.mark.timeout(600)
 def test_a_grown_optuna_sweep_suggests_its_new_trial_from_a_study_that_holds_the_earlier_results(tmp_path):
     path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\nsearch = "optuna"\n')
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     grown = sweep(*args, "--num-samples", "3")

@@ -12,11 +12,11 @@ import pytest
 import ray
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_weights, latest_state
+from helpers import assert_same_weights, latest_state, train_locally
 
 from toolbox.config.resolve import resolve
 from toolbox.data.tensors import DataSpec
-from toolbox.run import main
+from toolbox.run import main, prepare
 from toolbox.training.builders import build_dataset, build_model
 from toolbox.training.checkpoint import find_checkpoint
 
@@ -27,7 +27,7 @@ COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_top_1_accuracy", "val_t
 def toolbox_run(storage: Path, name: str, *argv: str) -> Path:
     """``python -m toolbox.run ARGV --storage STORAGE --name NAME`` in this process; returns the run dir."""
     try:
-        assert main([*argv, "--storage", str(storage), "--name", name]) == 0
+        assert main([*argv, "--storage", str(storage), "--name", name, "--no-dashboard"]) == 0
     finally:
         if ray.is_initialized():  # main shuts Ray down; a failed assert or a timeout may not get there
             ray.shutdown()
@@ -125,14 +125,38 @@ def test_two_worker_ddp_run_writes_results_and_checkpoints(tmp_path):
         assert top1 == pytest.approx(rows[epoch - 1]["val_top_1_accuracy"])
 
 
+# Scheduler state that does not depend on the total epochs, and dropout for the RNG state.
+RESUMABLE = ["--seed", "3", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1", "--batch-size", "16"]
+RESUMABLE += ["--scheduler", "step_lr", "--step-size", "1", "--gamma", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def full_and_part(tiny_mnist, tmp_path_factory) -> tuple[dict, Path]:
+    """The same config and seed on the tiny MNIST files, trained for 4 epochs by the same loop in this process on one
+    thread ("full": its rows and final weights), and for 2 epochs by toolbox.run on 1 worker ("part": its run dir)."""
+    root, _ = tiny_mnist
+    flags = [*RESUMABLE, "--dataset", "MNIST", "--mnist-root", str(root)]
+    storage = tmp_path_factory.mktemp("runs")
+    plan = prepare([*flags, "--epochs", "4", "--storage", str(storage), "--name", "full"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker with one CPU: the same reductions, the same bits
+    try:
+        checkpoints = storage / "full"
+        checkpoints.mkdir()
+        rows = train_locally(plan.config, plan.data, checkpoints=checkpoints)
+    finally:
+        torch.set_num_threads(threads)
+    full = {"rows": rows, "model": torch.load(checkpoints / "epoch_4" / "state.pt", weights_only=True)["model"]}
+    return full, toolbox_run(storage, "part", *flags, "--epochs", "2")
+
+
 @pytest.mark.timeout(180)
-def test_mnist_run_on_tiny_idx_files(tiny_mnist, tmp_path):
+def test_mnist_run_on_tiny_idx_files(tiny_mnist, full_and_part):
     root, written = tiny_mnist
-    argv = ["--dataset", "MNIST", "--mnist-root", str(root), "--epochs", "2", "--batch-size", "16", "--ff-hidden-sizes", "16"]
-    run_dir = toolbox_run(tmp_path, "mnist", *argv)
+    _, run_dir = full_and_part
 
     columns, rows = read_csv(run_dir)
-    assert has_columns(columns) and [r["epoch"] for r in rows] == [1, 2]
+    assert has_columns(columns) and [r["epoch"] for r in rows] == [1, 2], "runs before the same-name test"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "MNIST" and config["mnist_root"] == str(root)
     state = latest_state(run_dir)
@@ -148,36 +172,6 @@ def test_mnist_run_on_tiny_idx_files(tiny_mnist, tmp_path):
     assert session.name.startswith("session_") and not session.exists(), "the Ray the run started left its session dir"
 
 
-# Scheduler state that does not depend on the total epochs, and dropout for the RNG state.
-RESUMABLE = [
-    "--seed",
-    "3",
-    "--dummy-n-samples",
-    "128",
-    "--dummy-val-n-samples",
-    "32",
-    "--ff-hidden-sizes",
-    "32",
-    "--ff-dropout",
-    "0.1",
-    "--batch-size",
-    "16",
-    "--scheduler",
-    "step_lr",
-    "--step-size",
-    "1",
-    "--gamma",
-    "0.5",
-]
-
-
-@pytest.fixture(scope="module")
-def full_and_part(tmp_path_factory) -> tuple[Path, Path]:
-    """Two runs of the same config and seed on 1 worker: 4 epochs ("full"), and 2 epochs ("part")."""
-    storage = tmp_path_factory.mktemp("runs")
-    return toolbox_run(storage, "full", *RESUMABLE, "--epochs", "4"), toolbox_run(storage, "part", *RESUMABLE, "--epochs", "2")
-
-
 @pytest.mark.timeout(300)
 def test_resume_flag_continues_to_the_same_weights(full_and_part, tmp_path):
     full, part = full_and_part
@@ -185,12 +179,11 @@ def test_resume_flag_continues_to_the_same_weights(full_and_part, tmp_path):
 
     resumed = toolbox_run(tmp_path, "resumed", "--resume", str(part), "--epochs", "4")  # the rest from the checkpoint
 
-    assert_same_weights(latest_state(resumed)["model"], latest_state(full)["model"])
-    _, full_rows = read_csv(full)
+    assert_same_weights(latest_state(resumed)["model"], full["model"])
     _, resumed_rows = read_csv(resumed)
     assert [r["epoch"] for r in resumed_rows] == [3, 4]
-    assert [r["lr"] for r in full_rows] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
-    for got, want in zip(resumed_rows, full_rows[2:]):
+    assert [r["lr"] for r in full["rows"]] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    for got, want in zip(resumed_rows, full["rows"][2:]):
         for key in ("lr", "train_loss", "val_loss", "val_top_1_accuracy"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), key
 
@@ -205,10 +198,9 @@ def test_same_name_resumes_by_itself(full_and_part):
     _, rows = read_csv(part)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # continued at epoch 3, not restarted at 1
     assert rows[:2] == before
-    _, full_rows = read_csv(full)
-    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in full_rows], rel=1e-6)
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in full["rows"]], rel=1e-6)
     state = latest_state(part)
     assert state["epoch"] == 4 and state["config"]["ff_dropout"] == 0.1
-    assert_same_weights(state["model"], latest_state(full)["model"])
+    assert_same_weights(state["model"], full["model"])
     epoch_lines = [line.split()[3] for line in (part / "training.log").read_text().splitlines() if " epoch " in line]
     assert epoch_lines == ["1/2", "2/2", "3/4", "4/4"]

@@ -181,12 +181,12 @@ def test_the_users_project_runs_with_two_ddp_workers_and_sweeps_and_its_best_ret
     args = ["--import", str(project / "project_components.py"), "--arch", "ProjectMLP", "--dataset", "ProjectPoints"]
     args += ["--optimizer", "project_sgd", "--metrics", "project_error_rate", "--project-width", "8", "--workers", "2"]
     args += ["--loader-workers", "1"]  # the user's Dataset read by a DataLoader worker process on each of the two ranks
-    done = run_cli("run", *args, "--epochs", "2", "--storage", str(storage), "--name", "ddp")
+    done = run_cli("run", *args, "--epochs", "2", "--storage", str(storage), "--name", "ddp", "--no-dashboard")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = read_rows(storage / "ddp")
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["val_project_error_rate"] <= 100 for r in rows), rows
 
-    done = run_cli("sweep", str(project / "project_sweep.py"), "--storage", str(storage))
+    done = run_cli("sweep", str(project / "project_sweep.py"), "--storage", str(storage), "--no-dashboard")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = pq.read_table(storage / "project_sweep" / "results.parquet").to_pylist()
     assert len(results) == 2 and all(r["status"] == "done" for r in results), results
@@ -210,7 +210,19 @@ def test_a_failure_that_a_retry_would_repeat_fails_once_in_a_run_and_in_a_sweep(
     attempts = project / "attempts.txt"
     args = ["--import", str(models), "--arch", "BreaksWhenTraining", "--dummy-input-shape", "8", "--dummy-num-classes", "2"]
     args += ["--metrics", "top_1_accuracy"]
-    done = run_cli("run", *args, "--epochs", "1", "--max-failures", "3", "--storage", str(tmp_path / "out"), "--name", "breaks")
+    done = run_cli(
+        "run",
+        *args,
+        "--epochs",
+        "1",
+        "--max-failures",
+        "3",
+        "--storage",
+        str(tmp_path / "out"),
+        "--name",
+        "breaks",
+        "--no-dashboard",
+    )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "not retried: a retry would fail the same way" in done.stderr and "shape '[-1, 5]' is invalid" in done.stderr
     assert attempts.read_text().count("attempt") == 1, done.stdout[-3000:]
@@ -320,7 +332,11 @@ def test_an_installed_packages_entry_point_registers_its_components_in_every_pro
     shown = subprocess.run([*command, "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert "PluginNet: A model from an installed package." in shown.stdout, shown.stdout[-2000:] + shown.stderr
     done = subprocess.run(
-        [*command, "--storage", str(tmp_path / "out"), "--name", "plugin"], env=env, capture_output=True, text=True, timeout=300
+        [*command, "--storage", str(tmp_path / "out"), "--name", "plugin", "--no-dashboard"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [r["epoch"] for r in read_rows(tmp_path / "out" / "plugin")] == [1]

@@ -40,7 +40,7 @@ from toolbox.tuning.sweepfile import load
 
 SECTIONS = ("data", "datapath", "overhead", "sweep", "memory", "ddp", "fused", "scale")
 MNIST_TRAIN_SAMPLES = 60_000
-# Each timed figure is the fastest of RUN_EPOCHS - 1 tries: toolbox.run's epochs after its first, and as many bare epochs.
+# Each timed figure is the fastest of --run-epochs - 1 tries: toolbox.run's epochs after its first, and as many bare epochs.
 RUN_EPOCHS = 5
 NEEDS = {"sweep": "optuna", "memory": "psutil"}  # the bench extra: pip install -e '.[bench]'
 
@@ -155,12 +155,12 @@ def loop_epoch_s(config: dict, data: TensorData | DatasetSplits, device: str = "
 
 
 def bench_data(table: Table, args, out: Path) -> None:
-    config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": RUN_EPOCHS})
+    config = resolve({"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": args.run_epochs})
     data = build_dataset(config)
     samples = len(data.train_y)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a toolbox worker with --cpus-per-worker 1
-    plain_s = min(plain_epoch(config, data) for _ in range(RUN_EPOCHS - 1))
+    plain_s = min(plain_epoch(config, data) for _ in range(args.run_epochs - 1))
     loop_s = loop_epoch_s(config, data)
     table.add(
         "MNIST epoch (train), toolbox loop in process vs plain PyTorch loop, 1 thread",
@@ -194,7 +194,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     all_cores = _run_epochs(out, args, 1, threads, *original_model)
     run_epoch = min(row["epoch_s"] for row in all_cores)
     # The bare float32 loop, training and validating as toolbox.run's epoch does, at the same threads.
-    bare = min(plain_epoch({**config, "ff_dropout": ORIGINAL_DROPOUT}, data, validate=True) for _ in range(RUN_EPOCHS - 1))
+    bare = min(plain_epoch({**config, "ff_dropout": ORIGINAL_DROPOUT}, data, validate=True) for _ in range(args.run_epochs - 1))
     table.add(
         f"MNIST epoch (train + val), `toolbox.run` vs the bare float32 loop (train + val), dropout {ORIGINAL_DROPOUT}, {threads} threads each",
         run_epoch,
@@ -222,7 +222,7 @@ def bench_data(table: Table, args, out: Path) -> None:
     )
     # Lightning's bf16-mixed: a different numeric format, so reported beside the target, not for it.
     mixed = _run_epochs(out, args, 1, threads, *original_model, "--precision", "bf16-mixed")
-    top1 = f"val top-1 after {RUN_EPOCHS} epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {all_cores[-1]['val_top_1_accuracy']:.2f} at 32-true"
+    top1 = f"val top-1 after {args.run_epochs} epochs: {mixed[-1]['val_top_1_accuracy']:.2f} vs {all_cores[-1]['val_top_1_accuracy']:.2f} at 32-true"
     table.add(
         f"MNIST epoch (train + val), `toolbox.run --precision bf16-mixed` vs the original, its model, {threads} threads each",
         min(row["epoch_s"] for row in mixed),
@@ -236,7 +236,7 @@ def bench_data(table: Table, args, out: Path) -> None:
 
 def bench_datapath(table: Table, args, out: Path) -> None:
     """The loop's epoch on MNIST's tensors against the same samples read through a DataLoader, and with augmentations."""
-    given = {"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": RUN_EPOCHS}
+    given = {"dataset": "MNIST", "mnist_root": args.mnist_root, "mnist_download": True, "epochs": args.run_epochs}
     config = resolve(given)
     data = build_dataset(config)
     threads = torch.get_num_threads()
@@ -278,7 +278,7 @@ _run_cache: dict[tuple, list[dict]] = {}
 
 
 def _run_epochs(out: Path, args, workers: int, cpus: int = 1, *flags: str) -> list[dict]:
-    """The epoch rows of a ``RUN_EPOCHS``-epoch ``toolbox.run`` on MNIST with --workers, --cpus-per-worker and
+    """The epoch rows of a ``--run-epochs``-epoch ``toolbox.run`` on MNIST with --workers, --cpus-per-worker and
     ``flags`` (its first epoch left out)."""
     key = (workers, cpus, *flags)
     if key not in _run_cache:
@@ -291,7 +291,7 @@ def _run_epochs(out: Path, args, workers: int, cpus: int = 1, *flags: str) -> li
             args.mnist_root,
             "--mnist-download",
             "--epochs",
-            str(RUN_EPOCHS),
+            str(args.run_epochs),
             "--workers",
             str(workers),
             "--cpus-per-worker",
@@ -596,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--mnist-root", default="./data")
     parser.add_argument(
+        "--run-epochs",
+        type=int,
+        default=RUN_EPOCHS,
+        help=f"epochs of each timed run and loop, each figure the fastest after the first (default: {RUN_EPOCHS}; at least 2)",
+    )
+    parser.add_argument(
         "--gpu-fractions",
         type=lambda text: [float(f) for f in text.split(",")],
         default=[0.125, 0.0625],
@@ -616,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="ray_results/bench")
     args = parser.parse_args(argv)
+    if args.run_epochs < 2:
+        parser.error("--run-epochs: give at least 2 (each figure leaves the first epoch out)")
     args.sweep_args = ["--mnist-root", args.mnist_root]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
