@@ -267,3 +267,37 @@ def test_grow_from_refuses_a_random_search_before_ray(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "random search draws independent points" in proc.stderr and "Ray dashboard" not in proc.stdout
     assert not (tmp_path / "beside").exists()
+
+
+def test_pbt_gets_back_its_population_and_clock_from_the_epochs_of_the_restored_trials():
+    """Tune's restore gives PBT no state: a trial resumed at epoch 5 would be perturbed at once, its last
+    perturbation read as epoch 0; restored, it waits for epoch 6, and the population holds epoch 4's scores."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from toolbox.tuning.growth import _restore_population
+
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=2, synch=True, hyperparam_mutations={"lr": [0.1, 0.2]}
+    )
+    pbt.set_search_properties("val_top_1_accuracy", "max")
+    epochs = {}
+    for index, accuracy in enumerate((50.0, 70.0)):
+        trial = Trial(
+            "run_trial",
+            stub=True,
+            trial_id=f"t{index}",
+            placement_group_factory=PlacementGroupFactory([{"CPU": 1}]),
+            storage=StorageContext(storage_path="/tmp", experiment_dir_name="sweep"),
+        )
+        pbt._trial_state[trial] = _PBTTrialState(trial)
+        epochs[trial] = [{"training_iteration": e, "val_top_1_accuracy": accuracy + e} for e in range(1, 5)]
+    _restore_population(pbt, epochs)
+    first = next(iter(epochs))
+    assert [pbt._trial_state[t].last_score for t in epochs] == [54.0, 74.0]
+    assert pbt._next_perturbation_sync == 6
+    # Not yet at its next perturbation: PBT continues it without asking the controller anything.
+    assert pbt.on_trial_result(None, first, {"training_iteration": 5, "val_top_1_accuracy": 56.0}) == TrialScheduler.CONTINUE

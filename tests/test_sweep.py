@@ -237,6 +237,13 @@ def test_pbt_exploits_checkpoints_of_other_trials(tmp_path):
     assert policies, "no trial exploited another one"
     exploited = [d for d, starts in trial_starts(tmp_path / "pbt").items() if starts > 1]
     assert exploited, "an exploiting trial restarts from the other trial's checkpoint"
+    # A larger budget continues the four (PBT's population restored: test_grow); its log keeps the first run's lines.
+    first_run = (tmp_path / "pbt" / "pbt_global.txt").read_text()
+    proc = sweep(str(path), "--storage", str(tmp_path), "--seed", "1", "--epochs", "6")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "pbt" / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "done" and r["epochs"] == 6 for r in rows), rows
+    assert (tmp_path / "pbt" / "pbt_global.txt").read_text().startswith(first_run)
 
 
 @pytest.mark.timeout(300)

@@ -28,8 +28,8 @@ log = logging.getLogger("toolbox")
 RECORD = "sweep.json"
 # What the trials measure and train on: a sweep that changes one of these is another sweep.
 FIXED = ("metric", "mode", "base", "search", "trial_scheduler", "scheduler_options")
-# Schedulers whose state a re-run rebuilds by replaying each restored trial's epochs (Tune's restore drops it).
-REPLAYED = ("asha", "median_stopping")
+# Schedulers whose state a re-run rebuilds from each restored trial's epochs (Tune's restore drops it).
+REPLAYED = ("asha", "median_stopping", "pbt")
 
 
 def described(value: Any) -> Any:
@@ -231,6 +231,9 @@ def drawn(sweep: Sweep, params: dict | None) -> dict:
 
 
 def in_space(sweep: Sweep, params: dict | None) -> bool:
+    """Whether a trial's drawn values lie in the sweep's space; PBT's trials always do, as it moves them out by design."""
+    if sweep.trial_scheduler == "pbt":
+        return True
     values = drawn(sweep, params)
     return all(inside(domain, values[key]) for key, domain in sweep.space.items())
 
@@ -326,15 +329,38 @@ def _epochs(trial) -> int:
 def _replay(controller, trials: list) -> None:
     """Each restored trial's epochs into the fresh scheduler, so its rungs and medians hold what they held."""
     from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining
 
     scheduler, time_attr, metric = controller._scheduler_alg, "training_iteration", controller._metric
+    epochs = {}
     for trial in trials:
         rows = read_rows(trial.path, trial.storage.storage_filesystem) if trial.path else []
-        results = [{time_attr: int(r["epoch"]), metric: r[metric]} for r in rows if r.get(metric) is not None]
+        epochs[trial] = [{time_attr: int(r["epoch"]), metric: r[metric]} for r in rows if r.get(metric) is not None]
+    if isinstance(scheduler, PopulationBasedTraining):
+        _restore_population(scheduler, epochs)
+        return
+    for trial, results in epochs.items():
         for result in results:
             scheduler.on_trial_result(controller, trial, result)
         if results and trial.status in (Trial.TERMINATED, Trial.ERROR):
             scheduler.on_trial_complete(controller, trial, results[-1])
+
+
+def _restore_population(pbt, epochs: dict) -> None:
+    """PBT's view of each trial as of its last perturbation point (its score there, and its clock), without
+    replaying results, which would exploit again; the synchronous clock waits for the next point after them."""
+    points = []
+    for trial, results in epochs.items():
+        state = pbt._trial_state.get(trial)
+        reached = [r for r in results if r["training_iteration"] % pbt._perturbation_interval == 0]
+        if state is None or not reached:
+            continue
+        last = reached[-1]
+        state.last_score, state.last_result = pbt._metric_op * last[pbt._metric], last
+        state.last_train_time = state.last_perturbation_time = last["training_iteration"]
+        points.append(state.last_perturbation_time)
+    if points:
+        pbt._next_perturbation_sync = max(pbt._next_perturbation_sync, min(points) + pbt._perturbation_interval)
 
 
 def _add_missing(controller, sweep: Sweep, counted: list[dict]) -> int:

@@ -123,8 +123,16 @@ def merge(state: dict, fs: pyarrow.fs.FileSystem, path: str) -> dict:
 
 
 def restored(controller, sealed: dict) -> None:
-    """The trials a restored ``controller`` read from batches: they are not written again while they stay as they were."""
+    """The trials a restored ``controller`` read from batches: they are not written again while they stay as they
+    were. The sweep dir's logs (PBT's ``pbt_global.txt``) come back to the staging dir, where Tune appends to them."""
     _sealed[controller] = dict(sealed)
+    storage = controller._storage
+    fs, staging = storage.storage_filesystem, Path(storage.experiment_driver_staging_path)
+    staging.mkdir(parents=True, exist_ok=True)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".txt"):
+            with fs.open_input_stream(info.path) as source:
+                (staging / info.base_name).write_bytes(source.readall())
 
 
 def saved_trials(fs: pyarrow.fs.FileSystem, path: str, state_file: str | None = None) -> list:
