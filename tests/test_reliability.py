@@ -270,22 +270,22 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(600)
 def test_ctrl_c_of_a_sweep_exits_130_the_same_command_finishes_it_and_the_retrain_command_reproduces_the_best(tmp_path):
     """--seed and --batch-size, like every other non-default key, are on the re-train command."""
-    extra = 'max_concurrent = 1\nbase["dummy_n_samples"] = 16000\n'
+    extra = 'space = {"lr": tune.grid_search([1e-3, 2e-3, 3e-3])}\nmax_concurrent = 1\nbase["dummy_n_samples"] = 16000\n'
     path = write_sweep(tmp_path, extra)  # batches of 32 from 16000 samples: as long a trial as SWEEP's
     args = [str(path), "--storage", str(tmp_path), "--seed", "3", "--batch-size", "32"]
     cli = Cli("sweep", *args)
-    cli.wait_for("[1/2]")  # the first trial done, the second running
+    cli.wait_for("[1/3]")
     os.kill(cli.proc.pid, signal.SIGINT)
     code, out = cli.finish()
     assert code == 130, out[-3000:]
     assert "interrupted" in out.strip().splitlines()[-1] and "re-run the same command" in out.strip().splitlines()[-1]
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
-    assert "interrupted" in {r["status"] for r in rows} or len(rows) < 2, rows
+    assert "interrupted" in {r["status"] for r in rows} or len(rows) < 3, rows
 
     again = sweep(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = pq.read_table(tmp_path / "faults" / "results.parquet").to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
+    assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
     for trial in trial_dirs(tmp_path / "faults"):
         assert_every_epoch_once(trial, 4)
 
