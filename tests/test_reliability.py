@@ -23,9 +23,9 @@ from toolbox.config.resolve import resolve
 from toolbox.training.builders import build_dataset
 from toolbox.training.epochlog import read_rows
 
-# About a second an epoch on one thread: long enough to be killed inside one, with epochs left after each fault.
+# Epochs long enough to be killed inside one, and enough of them to have some left after each fault.
 EPOCHS = 8
-RUN = ["--dummy-n-samples", "12000", "--dummy-val-n-samples", "256", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1"]
+RUN = ["--dummy-n-samples", "6000", "--dummy-val-n-samples", "256", "--ff-hidden-sizes", "32", "--ff-dropout", "0.1"]
 RUN += ["--batch-size", "8", "--epochs", str(EPOCHS), "--seed", "1"]
 
 
@@ -132,9 +132,9 @@ def uninterrupted(tmp_path_factory) -> dict:
     return torch.load(path / f"epoch_{EPOCHS}" / "state.pt", weights_only=True)["model"]
 
 
-def first_epoch(cli: Cli) -> int:
+def first_epoch(cli: Cli, epochs: int = EPOCHS) -> int:
     """Wait for the first epoch line the command prints; its epoch number."""
-    return int(re.search(rf"epoch (\d+)/{EPOCHS} ", cli.wait_for(f"/{EPOCHS}  lr ")).group(1))
+    return int(re.search(rf"epoch (\d+)/{epochs} ", cli.wait_for(f"/{epochs}  lr ")).group(1))
 
 
 def fill(disk: Path) -> Path:
@@ -200,14 +200,15 @@ def test_ctrl_c_a_full_disk_a_killed_worker_and_a_killed_driver_each_leave_a_run
 
 @pytest.mark.timeout(420)
 def test_a_killed_worker_of_two_restarts_the_group_from_the_checkpoint_and_finishes(tmp_path):
-    cli = Cli("run", *RUN, "--workers", "2", "--storage", str(tmp_path), "--name", "killed")
-    first_epoch(cli)
+    epochs = 4  # RUN's, fewer (the last --epochs given wins): the kill lands in the second, two are left after it
+    cli = Cli("run", *RUN, "--epochs", str(epochs), "--workers", "2", "--storage", str(tmp_path), "--name", "killed")
+    first_epoch(cli, epochs)
     victims = cli.processes("RayTrainWorker")
     assert len(victims) == 2, [p.name() for p in victims]
     victims[-1].send_signal(signal.SIGKILL)
     code, out = cli.finish()
     assert code == 0, out[-3000:]
-    assert_every_epoch_once(tmp_path / "killed", EPOCHS)
+    assert_every_epoch_once(tmp_path / "killed", epochs)
     # Said in one line, with the rank, the epoch continued from and the restarts left; Ray's own line is in its log.
     said = re.findall(
         r"^worker ([01]) died \(its process ended: killed, or crashed\); restarting the group from epoch (\d+)'s checkpoint \(1 of 3 restarts\)$",
@@ -241,7 +242,7 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
 
 @pytest.mark.timeout(420)
 def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it(tmp_path):
-    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 12000\n')
+    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 6000\n')
     cli = Cli("sweep", str(path), "--storage", str(tmp_path))
     exp_dir = tmp_path / "faults"
     deadline = time.time() + 240
@@ -352,7 +353,7 @@ def test_sigterm_ends_a_run_like_ctrl_c_with_exit_143(tmp_path):
 def test_sigterm_through_timeout_ends_a_sweep_like_ctrl_c_writing_its_results(tmp_path):
     """`timeout` passes the SIGTERM it gets on to the sweep (and its process group): the table,
     results and best.json are written as on Ctrl-C, and the exit code is 143."""
-    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 12000\n')
+    path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 6000\n')
     cli = Cli("sweep", str(path), "--storage", str(tmp_path), under=("timeout", "-s", "TERM", "600"))
     exp_dir = tmp_path / "faults"
     deadline = time.time() + 240
