@@ -45,8 +45,10 @@ def save(controller) -> None:
         sealed = _sealed.setdefault(controller, {})
         finished = {t.trial_id: t.status for t in changed if t.status in FINAL and sealed.get(t.trial_id) != t.status}
         storage = controller._storage
+        if controller not in _next_batch:  # a restored sweep's batches go on from those its earlier runs wrote
+            _next_batch[controller] = _newest_batch(storage.storage_filesystem, storage.experiment_fs_path) + 1
         if finished:
-            batch = _next_batch.get(controller, _newest_batch(storage.storage_filesystem, storage.experiment_fs_path) + 1)
+            batch = _next_batch[controller]
             _write_batch(storage.storage_filesystem, storage.experiment_fs_path, batch, [data[i] for i in finished])
             _next_batch[controller] = batch + 1
             sealed.update(finished)
@@ -57,7 +59,7 @@ def save(controller) -> None:
             "trial_data": list(data.values()),
             "runner_data": controller.__getstate__(),
             "stats": {"start_time": controller._start_time},
-            NEWEST_BATCH: _next_batch.get(controller, 0) - 1,
+            NEWEST_BATCH: _next_batch[controller] - 1,
         }
         staging = Path(storage.experiment_driver_staging_path)
         staging.mkdir(parents=True, exist_ok=True)

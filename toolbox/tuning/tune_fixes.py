@@ -110,8 +110,10 @@ def restore_finished_trials() -> None:
 
     def _restore_trials(self, experiment_state):
         storage = self._storage
-        snapshots.restored(self, snapshots.merge(experiment_state, storage.storage_filesystem, storage.experiment_fs_path))
-        return restore(self, experiment_state)
+        sealed = snapshots.merge(experiment_state, storage.storage_filesystem, storage.experiment_fs_path)
+        trials = restore(self, experiment_state)
+        snapshots.restored(self, sealed)  # after Tune's restore, which moves the staging dir back to the first run's
+        return trials
 
     _restore_trials.toolbox_merges = True
     TuneController._restore_trials = _restore_trials
