@@ -245,8 +245,13 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
     path = write_sweep(tmp_path, 'base["dummy_n_samples"] = 6000\n')
     cli = Cli("sweep", str(path), "--storage", str(tmp_path))
     exp_dir = tmp_path / "faults"
+
+    def epochs_of_both() -> list[list[int]]:
+        return [logged_epochs(d) if (d / "training.log").exists() else [] for d in trial_dirs(exp_dir)]
+
+    # Both trials past their first epoch, so that whichever is killed retries from a checkpoint.
     deadline = time.time() + 240
-    while time.time() < deadline and not any(2 in logged_epochs(d) for d in trial_dirs(exp_dir) if (d / "training.log").exists()):
+    while time.time() < deadline and not (len(epochs_of_both()) == 2 and all(epochs_of_both())):
         time.sleep(0.2)
     victims = cli.processes("Trainable.train")  # the trial actors: with_resources names their class
     assert victims, "no trial process to kill"
