@@ -17,6 +17,7 @@ import pytest
 from helpers import TINY_DUMMY
 
 from toolbox.config.registry import ConfigError
+from toolbox.distributed.cluster import free_port
 from toolbox.distributed.locations import check_address, own_cluster, place
 from toolbox.run import main as run_main
 
@@ -64,12 +65,6 @@ def test_a_storage_uri_that_never_answers_is_refused(silent_server):
     storage = f"gs://bucket/x?endpoint_override={silent_server}&scheme=http"
     with pytest.raises(ConfigError, match=r"^--storage gs://bucket/x\S*: no answer within 10 s"):
         place(storage, "run")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from toolbox.components.metrics import METRICS, mode_of
 from toolbox.config.registry import ConfigError
 from toolbox.config.resolve import resolve
+from toolbox.distributed.cluster import free_port
 from toolbox.training.builders import build_metrics
 
 # 3 classes. Class 0: tp 4, fp 0, fn 1 (F1 8/9); class 1: tp 1, fp 1, fn 1 (F1 1/2); class 2: tp 1, fp 1, fn 0 (F1 2/3).
@@ -85,12 +85,6 @@ def test_metric_over_batches_equals_the_whole_set(name):
         assert perfect == pytest.approx(100.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     metrics = build_metrics(resolve({"metrics": tuple(METRICS.names())}), 7)
@@ -107,7 +101,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.timeout(120)
 def test_metrics_reduce_across_ddp_ranks_to_the_whole_set(tmp_path):
     out = tmp_path / "values.json"
-    mp.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2)
     reduced = json.loads(out.read_text())
     for name in METRICS.names():
         logits, targets = _random_batch(name)

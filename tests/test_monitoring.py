@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT, python_env
 
+from toolbox.distributed.cluster import free_port
 from toolbox.training.epochlog import read_rows
 
 GRAFANA = ROOT / "toolbox" / "distributed" / "grafana_dashboard.json"
@@ -30,12 +30,6 @@ epochs = 40
 trial_scheduler = "fifo"
 max_concurrent = 2
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, headers: dict | None = None) -> dict | list | str:

@@ -12,7 +12,6 @@ import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT, python_env
 
+from toolbox.distributed.cluster import free_port
 from toolbox.training.epochlog import read_rows
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -70,12 +70,6 @@ for line in sys.stdin:
         break
 cluster.shutdown()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_all(processes: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:

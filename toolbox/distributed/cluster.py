@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import sys
@@ -24,9 +25,31 @@ _own_session: list[tuple[str, bool]] = []  # the session dir of the local Ray th
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 between Ray's worker ports and the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` can be taken by any outgoing connection before the
+    server that was meant to get it binds it; ports below the ephemeral range are only ever bound on purpose."""
+    first_ephemeral = _first_ephemeral_port()
+    for _ in range(1000):
+        port = random.randrange(_FIRST_OWN_PORT, first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on 127.0.0.1 between {_FIRST_OWN_PORT} and {first_ephemeral}")
+
+
+_FIRST_OWN_PORT = 20000  # Ray's workers take 10002-19999 (its default min_worker_port and max_worker_port)
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), _FIRST_OWN_PORT + 1000)
+    except (OSError, ValueError, IndexError):  # not Linux: IANA's dynamic range
+        return 49152
 
 
 def dashboard_available() -> bool:
