@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import torch
 from helpers import TINY_DUMMY, assert_same_weights, collecting_session, register_map_style_dataset, train_locally
@@ -12,9 +14,12 @@ from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.components.schedulers import SCHEDULERS
 from toolbox.config.registry import Fraction, PositiveFloat
 from toolbox.config.resolve import resolve
+from toolbox.distributed.cluster import free_port
+from toolbox.distributed.storage import atomic_local_files
 from toolbox.training.builders import build_dataset, lr_schedule
 from toolbox.training.checkpoint import load_state, save_state
 from toolbox.training.loop import train
+from toolbox.training.session import RanksOutOfStep, Session, checkpoint_directory
 
 RESUMABLE = {**TINY_DUMMY, "batch_size": 16, "ff_hidden_sizes": (32,), "ff_dropout": 0.1, "epochs": 4}
 
@@ -355,3 +360,38 @@ def test_map_style_splits_read_in_the_tensor_paths_order_and_resume_exactly(map_
     resumed = train_locally(config, data, checkpoints=tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_2")
     compare_rows(resumed, full[2:])
     assert_same_weights(load_state(tmp_path / "resumed" / "epoch_4")["model"], load_state(tmp_path / "full" / "epoch_4")["model"])
+
+
+def _check_in_step(rank: int, world: int, port: int, epochs: list[int], out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    session = Session(rank, world, torch.device("cpu"), lambda metrics, directory: None, lambda: None, lambda model: model)
+    try:
+        session.check_in_step(epochs[rank], "epochs to continue from")
+        said = "in step"
+    except RanksOutOfStep as exc:
+        said = str(exc)
+    Path(out, str(rank)).write_text(said)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_would_continue_from_different_epochs_each_raise_rather_than_wait_on_each_other(tmp_path):
+    for epochs, said in (([3, 3], "in step"), ([0, 1], "the ranks hold different epochs to continue from, from 0 to 1")):
+        torch.multiprocessing.spawn(_check_in_step, args=(2, free_port(), epochs, str(tmp_path)), nprocs=2)
+        assert [(tmp_path / str(rank)).read_text() for rank in range(2)] == [said, said]
+
+
+def test_a_checkpoint_on_local_storage_is_read_in_place_and_a_remote_one_in_a_directory_of_this_process(tmp_path):
+    """Ray's own download directory is shared by the processes of a machine: a rank could read a file another rewrites."""
+    from ray.train import Checkpoint
+
+    directory, state = tmp_path / "checkpoint", {"epoch": 1, "global_step": 2, "val_loss": 0.5, "model": {}}
+    directory.mkdir()
+    save_state(directory, state)
+    with checkpoint_directory(Checkpoint(str(directory), filesystem=atomic_local_files())) as found:
+        assert found == str(directory)
+    remote = Checkpoint(str(directory), filesystem=pyarrow.fs.SubTreeFileSystem("/", pyarrow.fs.LocalFileSystem()))
+    with checkpoint_directory(remote) as found:
+        assert found not in (str(directory), remote._get_temporary_checkpoint_dir())
+        assert torch.load(Path(found) / "state.pt", weights_only=True) == state
+    assert not Path(found).exists()

@@ -31,7 +31,7 @@ from toolbox.training.builders import (
 )
 from toolbox.training.checkpoint import checkpoint_files, load_state, save_state
 from toolbox.training.resume import restore_optimization
-from toolbox.training.session import Session
+from toolbox.training.session import Session, checkpoint_directory
 
 EVAL_BATCH = 2048
 log = logging.getLogger("toolbox")
@@ -58,7 +58,7 @@ def latest_checkpoint(session: Session, resume_from: str | None, read_files: boo
     found = []
     checkpoint = session.latest_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with checkpoint_directory(checkpoint) as directory:
             try:
                 found.append((load_state(directory), checkpoint_files(directory) if read_files else None))
             except ConfigError as exc:
@@ -126,6 +126,8 @@ def setup(
     torch.manual_seed(config["seed"])
     model = build_model(config, data.spec)
     state = restore_state(session, resume_from)
+    # A rank that continued from another epoch than the others would leave them waiting in its first collective.
+    session.check_in_step(state["epoch"] if state is not None else 0, "epochs to continue from")
     if state is not None:
         model.load_state_dict(state["model"])
     model = place(model)

@@ -6,7 +6,9 @@ A Ray Train worker gets ``train_session()``; a single-process Tune trial gets ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,38 @@ class Session:
         if self.world_size > 1:
             torch.distributed.all_reduce(tensor)
         return tensor
+
+    def check_in_step(self, value: float, what: str) -> None:
+        """Raise ``RanksOutOfStep`` where the ranks hold different ``value``s of ``what``."""
+        if self.world_size == 1:
+            return
+        highest_and_lowest = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(highest_and_lowest, op=torch.distributed.ReduceOp.MAX)
+        highest, lowest = highest_and_lowest[0].item(), 0.0 - highest_and_lowest[1].item()
+        if highest != lowest:
+            raise RanksOutOfStep(f"the ranks hold different {what}, from {lowest:g} to {highest:g}")
+
+
+class RanksOutOfStep(Exception):
+    """Ranks that would wait on each other forever in their next collective; a retry of the group starts them anew."""
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint) -> Iterator[str]:
+    """A Ray checkpoint's files: in place on local or mounted storage, else downloaded to a directory of this
+    process's own. Ray's ``as_directory`` shares one per machine, where one rank could read a file another rewrites."""
+    import pyarrow.fs
+
+    from toolbox.distributed.storage import AtomicLocalFiles
+
+    fs = checkpoint.filesystem
+    if isinstance(fs, pyarrow.fs.LocalFileSystem) or (
+        isinstance(fs, pyarrow.fs.PyFileSystem) and isinstance(fs.handler, AtomicLocalFiles)
+    ):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="toolbox-checkpoint-") as directory:
+        yield checkpoint.to_directory(directory)
 
 
 def local_session(report: Callable[[dict, str | None], None], device: str = "cpu") -> Session:
