@@ -40,6 +40,20 @@ def show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def test_sweep_help_lists_every_trial_scheduler_and_its_options(capsys, monkeypatch):
+    from toolbox import sweep as sweep_cli
+    from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS
+
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.main(["--help"])
+    words = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and ", ".join(TRIAL_SCHEDULERS.names()) in words
+    for scheduler in TRIAL_SCHEDULERS:
+        options = ", ".join(f"{p.name}={p.default}" for p in scheduler.params)
+        assert f"{scheduler.name}: {scheduler.summary}" + (f" [{options}]" if options else "") in words
+
+
 def test_help_lists_every_component_and_its_parameters(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # argparse wraps help text at the terminal width
     code, out, _ = run_main(["--help"], capsys)

@@ -317,7 +317,7 @@ SWEEP_FLAGS = [
     ("seed-negative", ["--seed", "-1"], "--seed must be >= 0, got -1"),
     ("name-empty", ["--name", ""], "name '' is not a name"),
     ("name-nested", ["--name", "a/b"], "name 'a/b' is not a name"),
-    ("scheduler-unknown", ["--trial-scheduler", "bohb"], "trial_scheduler: 'bohb' is not one of"),
+    ("scheduler-unknown", ["--trial-scheduler", "bohb"], "--trial-scheduler: unknown trial scheduler 'bohb'"),
     ("address-refused", ["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers"),
     ("base-key-refused", ["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     ("too-many-cpus", ["--cpus-per-worker", "64"], "needs 64 CPUs"),

@@ -15,6 +15,7 @@ from toolbox.config.registry import ConfigError
 from toolbox.training.builders import build_dataset
 from toolbox.tuning.fused_trials import fall_back_unless_fusable
 from toolbox.tuning.sweepfile import candidate_params, check_trials, load
+from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
 GOOD = """\
@@ -80,7 +81,18 @@ BAD = {
         "metric 'val_top_3_accuracy' is never reported",
     ),
     "swept dataset key": ('from ray import tune\nspace = {"dummy_n_samples": tune.choice([64, 128])}', "cannot be swept"),
-    "unknown trial scheduler": ('space = {"lr": 0.1}\ntrial_scheduler = "ashaa"', "trial_scheduler: 'ashaa' is not one of"),
+    "unknown trial scheduler": (
+        'space = {"lr": 0.1}\ntrial_scheduler = "ashaa"',
+        "unknown trial scheduler 'ashaa' (did you mean 'asha'?); choices: asha, fifo,",
+    ),
+    "unknown scheduler option": (
+        'space = {"lr": 0.1}\nscheduler_options = {"grace": 2}',
+        "scheduler_options: asha takes no option 'grace' (did you mean 'grace_period'?); it takes: grace_period, reduction_factor, brackets",
+    ),
+    "scheduler option breaking its rule": (
+        'space = {"lr": 0.1}\ntrial_scheduler = "hyperband"\nscheduler_options = {"reduction_factor": 0.5}',
+        "scheduler_options['reduction_factor'] must be > 1, got 0.5",
+    ),
 }
 
 
@@ -119,6 +131,14 @@ def test_another_trial_scheduler_on_the_command_line_drops_the_files_options():
         "grace_period": 1,
         "reduction_factor": 3.0,
     }
+
+
+@pytest.mark.parametrize("name", TRIAL_SCHEDULERS.names())
+def test_every_trial_scheduler_builds_with_its_default_options(name, tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    sweep = load(write(tmp_path, GOOD + f"trial_scheduler = {name!r}\n"))
+    assert isinstance(trial_scheduler(sweep), TrialScheduler)
 
 
 @pytest.mark.parametrize("scheduler", ["asha", "hyperband"])

@@ -126,6 +126,32 @@ metric, mode, num_samples, epochs = "val_project_error_rate", "min", 1, 2
 trial_scheduler = "fifo"
 """
 
+STOPS_EARLY = '''\
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from toolbox.config.registry import PositiveInt
+from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS
+
+
+class StopAfter(FIFOScheduler):
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return TrialScheduler.STOP if result["training_iteration"] >= self.epochs else TrialScheduler.CONTINUE
+
+
+@TRIAL_SCHEDULERS.register("project_stop_after")
+def project_stop_after(sweep, /, *, stop_after: PositiveInt = 2) -> TrialScheduler:
+    """Stops every trial after the same number of epochs.
+
+    Args:
+        stop_after: epochs every trial runs.
+    """
+    return StopAfter(stop_after)
+'''
+
 # A model that passes every check before Ray (they run it in eval mode) and fails at its first training step,
 # noting each attempt in a file: a retried run would note more than one.
 BREAKS_WHEN_TRAINING = '''\
@@ -202,6 +228,30 @@ def test_the_users_project_runs_with_two_ddp_workers_and_sweeps_and_its_best_ret
     assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr[-3000:]
     retrained = read_rows(tmp_path / "ray_results" / command[command.index("--name") + 1])
     assert retrained[best["best_epoch"] - 1]["val_project_error_rate"] == best["value"]
+
+
+def test_a_trial_scheduler_of_the_users_module_named_in_base_imports_schedules_the_sweep(tmp_path):
+    """The sweep file names a trial scheduler that only the user's module registers, and sets its option."""
+    module = write(tmp_path / "schedulers", "stops_early.py", STOPS_EARLY)
+    sweep = write(
+        tmp_path,
+        "stopped_sweep.py",
+        f"""\
+        from ray import tune
+        base = {{"imports": [{str(module)!r}], "dummy_n_samples": 64, "dummy_val_n_samples": 32, "dummy_input_shape": (8,),
+                "ff_hidden_sizes": (8,), "batch_size": 32}}
+        space = {{"lr": tune.grid_search([1e-3, 1e-2])}}
+        num_samples, epochs = 1, 3
+        trial_scheduler, scheduler_options = "project_stop_after", {{"stop_after": 1}}
+        """,
+    )
+    done = run_cli("sweep", str(sweep), "--storage", str(tmp_path / "out"), "--no-dashboard")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp_dir = tmp_path / "out" / "stopped_sweep"
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all((r["status"], r["epochs"]) == ("stopped", 1) for r in rows), rows
+    trials = sorted(exp_dir.glob("run_trial_*"))
+    assert len(trials) == 2 and all([r["epoch"] for r in read_rows(t)] == [1] for t in trials)
 
 
 def test_a_failure_that_a_retry_would_repeat_fails_once_in_a_run_and_in_a_sweep(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from toolbox.config import user_code
 from toolbox.config.flags import Parser, add_config_flags, describe_failure, exit_with, given_config, parse_before_imports
-from toolbox.config.registry import ConfigError
+from toolbox.config.registry import Component, ConfigError
 from toolbox.distributed import cluster, signals
 from toolbox.distributed.dirkind import SWEEP, empty, holds_nothing, kind_of, mark, refuse_unless
 from toolbox.distributed.locations import DirLock, Place, check_address, place
@@ -34,6 +34,7 @@ from toolbox.tuning.fused_trials import FUSED_SLOT, fall_back_unless_fusable, st
 from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 from toolbox.tuning.trial_dirs import tidy
+from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 log = logging.getLogger("toolbox")
 
@@ -52,7 +53,10 @@ def build_parser(add_help: bool = True) -> Parser:
     fields.add_argument("--epochs", type=int, help="epochs per trial (the most a trial can run)")
     fields.add_argument("--metric")
     fields.add_argument("--mode", choices=["min", "max"])
-    fields.add_argument("--trial-scheduler", help="asha, fifo, hyperband, median_stopping, pbt")
+    fields.add_argument(
+        "--trial-scheduler",
+        help=f"{', '.join(TRIAL_SCHEDULERS.names())} (default: {FIELDS['trial_scheduler'].default}; see trial schedulers below)",
+    )
     fields.add_argument("--search", help="random (grid values are crossed) or optuna")
     fields.add_argument("--workers-per-trial", type=int)
     fields.add_argument("--cpus-per-worker", type=float)
@@ -67,6 +71,11 @@ def build_parser(add_help: bool = True) -> Parser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run 1-worker trials in the trial process (default) or via a TorchTrainer",
+    )
+    parser.add_argument_group(
+        "trial schedulers",
+        "the sweep file's trial_scheduler, its options in scheduler_options (defaults shown):\n  "
+        + "\n  ".join(map(_describe_trial_scheduler, TRIAL_SCHEDULERS)),
     )
     runtime = parser.add_argument_group("ray")
     runtime.add_argument("--name", help="sweep name (default: the sweep file's name)")
@@ -83,6 +92,11 @@ def build_parser(add_help: bool = True) -> Parser:
     cluster.add_ray_flags(runtime)
     add_config_flags(parser, exclude=("epochs", "seed"))  # any run key overrides the base: --mnist-root, ...
     return parser
+
+
+def _describe_trial_scheduler(scheduler: Component) -> str:
+    options = ", ".join(f"{p.name}={p.default}" for p in scheduler.params)
+    return f"{scheduler.name}: {scheduler.summary}" + (f" [{options}]" if options else "")
 
 
 def prepare(argv: list[str] | None) -> tuple[Sweep, argparse.Namespace]:
@@ -155,7 +169,7 @@ def trial_checkpoints(sweep: Sweep):
 def make_tuner(sweep: Sweep, trainable, exp: Place, cpus: float, gpus: float, progress, start_from):
     from ray import tune
 
-    from toolbox.tuning.search import search_algorithm, trial_scheduler
+    from toolbox.tuning.search import search_algorithm
 
     restoring = tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs)
     tidy(exp, restoring)

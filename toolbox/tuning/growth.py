@@ -22,14 +22,13 @@ from toolbox.config.registry import ConfigError
 from toolbox.distributed.locations import Place
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.tuning.sweepfile import DEFAULTS, Sweep
+from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 log = logging.getLogger("toolbox")
 
 RECORD = "sweep.json"
 # What the trials measure and train on: a sweep that changes one of these is another sweep.
 FIXED = ("metric", "mode", "base", "search", "trial_scheduler", "scheduler_options")
-# Schedulers whose state a re-run rebuilds from each restored trial's epochs (Tune's restore drops it).
-REPLAYED = ("asha", "median_stopping", "pbt")
 
 
 def described(value: Any) -> Any:
@@ -283,8 +282,6 @@ class Growth:
     def before_requeue(self, controller, trials: list) -> None:
         from ray.tune.experiment import Trial
 
-        from toolbox.tuning.search import trial_scheduler
-
         scheduler = trial_scheduler(self.sweep)  # Tune's restore brings back the first run's, with its max_t and no state
         scheduler.set_search_properties(self.sweep.metric, self.sweep.mode)
         controller._scheduler_alg = scheduler
@@ -306,7 +303,7 @@ class Growth:
 
     def after_requeue(self, controller) -> None:
         trials = controller.get_trials()
-        if self.sweep.trial_scheduler in REPLAYED:
+        if TRIAL_SCHEDULERS[self.sweep.trial_scheduler].meta.get("replayed"):
             _replay(controller, trials)
         if not self.record.pending:
             return

@@ -1,8 +1,7 @@
-"""Tune pieces chosen by name in a sweep file: the search algorithm and the trial scheduler."""
+"""Tune's search algorithm, chosen by name in a sweep file, and the checks of what PBT may mutate."""
 
 from __future__ import annotations
 
-from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -23,38 +22,6 @@ def search_algorithm(sweep: Sweep, max_concurrent: int, start_from: tuple[list[d
         searcher = OptunaSearch(seed=seed, points_to_evaluate=list(points) or None, evaluated_rewards=list(rewards) or None)
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
-
-
-def trial_scheduler(sweep: Sweep):
-    """Early stopping by name; ``scheduler_options`` in the sweep file go to the constructor."""
-    common = {"time_attr": "training_iteration"}  # one iteration = one epoch
-    options = dict(sweep.scheduler_options)
-    if sweep.trial_scheduler == "asha":
-        return tune.schedulers.ASHAScheduler(**common, max_t=sweep.epochs, **{"grace_period": 1, "reduction_factor": 3} | options)
-    if sweep.trial_scheduler == "hyperband":
-        return tune.schedulers.HyperBandScheduler(**common, max_t=sweep.epochs, **{"reduction_factor": 3} | options)
-    if sweep.trial_scheduler == "median_stopping":
-        return tune.schedulers.MedianStoppingRule(**common, **{"grace_period": 1, "min_samples_required": 3} | options)
-    if sweep.trial_scheduler == "pbt":
-        mutations = {k: m for k, m in ((k, _mutation(v)) for k, v in sweep.space.items()) if m is not None}
-        return tune.schedulers.PopulationBasedTraining(
-            **common, **{"perturbation_interval": 2, "hyperparam_mutations": mutations} | options
-        )
-    return tune.schedulers.FIFOScheduler()
-
-
-def _mutation(value):
-    """PBT perturbs numbers by factors: categorical values must go to it as lists (it shifts along them)."""
-    from ray.tune.search.sample import Categorical, Domain
-
-    if isinstance(value, Categorical):
-        return list(value.categories)
-    if isinstance(value, dict):
-        if set(value) == {"grid_search"}:
-            return list(value["grid_search"])
-        nested = {k: _mutation(v) for k, v in value.items()}
-        return {k: v for k, v in nested.items() if v is not None} or None
-    return value if isinstance(value, Domain) else None
 
 
 def check_pbt_keeps_shapes(sweep: Sweep, spec: DataSpec, where: str) -> None:

@@ -8,7 +8,7 @@ A sweep file sets module-level names (every one is optional except ``space``)::
              "lr": tune.loguniform(1e-4, 1e-2),
              "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
     metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10   # mode unset: the metric's own
-    trial_scheduler = "asha"   # fifo, hyperband, median_stopping, pbt
+    trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, pbt, or your own
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
 
@@ -39,37 +39,15 @@ from toolbox.config.registry import (
     PositiveFloat,
     PositiveInt,
     Range,
-    UnitInterval,
     nearest,
+    one_line,
 )
 from toolbox.config.resolve import IMPORTS, KINDS, TRAINING_OPTIONS, all_keys, coerce, flag, resolve
 from toolbox.data.tensors import DataSpec
 from toolbox.distributed.locations import check_name
+from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 DEFAULTS = {o.key: o.default for o in TRAINING_OPTIONS}
-ReductionFactor = Annotated[float, Range(gt=1)]
-
-# The value rules of each trial scheduler's options (``scheduler_options``), passed to its constructor.
-SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
-    "asha": {"grace_period": PositiveInt, "reduction_factor": ReductionFactor, "brackets": PositiveInt},
-    "hyperband": {"reduction_factor": ReductionFactor, "stop_last_trials": bool},
-    "median_stopping": {
-        "grace_period": NonNegativeFloat,
-        "min_samples_required": PositiveInt,
-        "min_time_slice": NonNegativeFloat,
-        "hard_stop": bool,
-    },
-    "pbt": {
-        "perturbation_interval": PositiveFloat,
-        "burn_in_period": NonNegativeFloat,
-        "quantile_fraction": Annotated[float, Range(gt=0, le=0.5)],
-        "resample_probability": UnitInterval,
-        "perturbation_factors": tuple[PositiveFloat, PositiveFloat],
-        "synch": bool,
-    },
-    "fifo": {},
-}
-
 MAX_FUSE = 1024
 
 
@@ -84,8 +62,8 @@ class Sweep:
     mode: Literal["min", "max"] | None = None  # not set: the metric's own ("min" for losses and errors)
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 10
-    trial_scheduler: Literal["asha", "fifo", "hyperband", "median_stopping", "pbt"] = "asha"
-    scheduler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"grace_period": 2}
+    trial_scheduler: str = "asha"  # a name in TRIAL_SCHEDULERS
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # its keyword-only parameters, e.g. {"grace_period": 2}
     search: Literal["random", "optuna"] = "random"
     workers_per_trial: PositiveInt = 1
     cpus_per_worker: PositiveFloat = 1.0
@@ -180,6 +158,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
         imports = (*imports, str(path))
     if imports:  # as absolute paths: a trial's process has another working directory
         values["base"][IMPORTS.key] = user_code.canonical(imports)
+        user_code.load(values["base"][IMPORTS.key])  # what they register, before the checks below name it
     values["name"] = check_name(values["name"], f"{path}: name")
     sweep = Sweep(**values)
     check(sweep, str(path))
@@ -320,29 +299,34 @@ def _rules(key: str, component: str | None = None) -> list:
 
 
 def _check_fields(sweep: Sweep, where: str) -> None:
-    rules = SCHEDULER_OPTIONS[sweep.trial_scheduler]
-    for option, value in sweep.scheduler_options.items():
-        if option not in rules:
-            known = ", ".join(rules) or "none"
-            raise ConfigError(
-                f"{where}: scheduler_options: {sweep.trial_scheduler} takes no option {option!r}{nearest(option, list(rules))}; "
-                f"it takes: {known}"
-            )
-        sweep.scheduler_options[option] = coerce(option, rules[option], value, label=f"{where}: scheduler_options[{option!r}]")
-    grace = sweep.scheduler_options.get("grace_period", 1)
-    if sweep.trial_scheduler == "asha" and grace > sweep.epochs:
-        raise ConfigError(
-            f"{where}: scheduler_options['grace_period'] {grace} is more than the {sweep.epochs} epochs a trial runs"
-        )
-    if sweep.trial_scheduler == "pbt" and not sweep.trials_in_process:
-        raise ConfigError(f"{where}: pbt needs in-process trials (workers_per_trial = 1): it swaps trial checkpoints")
+    try:
+        _check_trial_scheduler(sweep)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if sweep.search == "optuna":
-        if sweep.trial_scheduler == "pbt":
-            raise ConfigError(f"{where}: search 'optuna' cannot run with trial_scheduler 'pbt', which picks the configs itself")
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError(f"{where}: search 'optuna' needs optuna: pip install 'toolbox[optuna]'")
         if any(_is_grid(v) for v in sweep.space.values()):
             raise ConfigError(f"{where}: optuna cannot take tune.grid_search values; use tune.choice")
+
+
+def _check_trial_scheduler(sweep: Sweep) -> None:
+    """The trial scheduler is registered, its options are its keyword-only parameters (coerced by their rules), and it builds."""
+    scheduler = TRIAL_SCHEDULERS[sweep.trial_scheduler]
+    rules = {p.name: p.annotation for p in scheduler.params}
+    for option, value in sweep.scheduler_options.items():
+        if option not in rules:
+            raise ConfigError(
+                f"scheduler_options: {scheduler.name} takes no option {option!r}{nearest(option, list(rules))}; "
+                f"it takes: {', '.join(rules) or 'none'}"
+            )
+        sweep.scheduler_options[option] = coerce(option, rules[option], value, label=f"scheduler_options[{option!r}]")
+    try:
+        trial_scheduler(sweep)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's scheduler, or Tune refusing its options: one line
+        raise ConfigError(f"trial_scheduler {scheduler.name!r} does not build: {one_line(exc)}") from None
 
 
 def _is_grid(value: Any) -> bool:
