@@ -108,25 +108,36 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m toolbox.<module> ...`` to its end, its stdout and stderr captured as text."""
+def cli(module: str, args: tuple[str, ...], dashboard: bool) -> list[str]:
+    """``python -m toolbox.<module> ARGS``; without ``dashboard``, a command that starts a Ray starts it without its
+    dashboard, whose processes would take CPU from the tests beside it (the tests of the dashboard ask for it)."""
+    starts_ray = module in ("run", "sweep", "lr_find")
+    return [sys.executable, "-m", f"toolbox.{module}", *args, *(() if dashboard or not starts_ray else ("--no-dashboard",))]
+
+
+def run_cli(
+    module: str, *args: str, timeout: float = 300, dashboard: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m toolbox.<module> ...`` to its end, its stdout and stderr captured as text; ``env``: variables to add."""
     return subprocess.run(
-        [sys.executable, "-m", f"toolbox.{module}", *args],
+        cli(module, args, dashboard),
         cwd=ROOT,
-        env=python_env(),
+        env=python_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
-def start_cli(module: str, *args: str, under: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_cli(
+    module: str, *args: str, under: tuple[str, ...] = (), dashboard: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python -m toolbox.<module> ...`` in a session of its own, stdout and stderr as one text pipe;
     ``under`` is a command it runs under, e.g. ``("timeout", "600")``."""
     return subprocess.Popen(
-        [*under, sys.executable, "-m", f"toolbox.{module}", *args],
+        [*under, *cli(module, args, dashboard)],
         cwd=ROOT,
-        env=python_env(),
+        env=python_env(**(env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -8,15 +8,13 @@ import json
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env
+from helpers import run_cli
 from test_reliability import (
     EPOCHS,
     RUN,
@@ -153,12 +151,11 @@ def test_a_trial_killed_for_memory_fails_alone_and_a_re_run_does_not_repeat_it(t
     path = tmp_path / "hog.py"
     stop_at = round(threshold + 0.1, 3)  # the hog stops there, if never killed
     path.write_text(HOG.replace("STOP_AT", repr(stop_at)))
-    env = python_env(RAY_memory_usage_threshold=f"{threshold:.3f}", RAY_memory_monitor_refresh_ms="100")
-    command = [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)]
+    env = {"RAY_memory_usage_threshold": f"{threshold:.3f}", "RAY_memory_monitor_refresh_ms": "100"}
     exp_dir = tmp_path / "hog"
 
     for attempt in ("first", "re-run"):
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        done = run_cli("sweep", str(path), "--storage", str(tmp_path), env=env)
         assert done.returncode == 1, (attempt, done.stdout[-3000:] + done.stderr[-3000:])
         summary, cause = done.stderr.strip().splitlines()[-2:]
         assert "1 of 3 trials errored" in summary, (attempt, done.stderr[-3000:])

@@ -63,7 +63,7 @@ def grown_to_four(tmp_path_factory) -> dict:
     its dir, the first trials' epochs files from before the grow, and the re-run's output."""
     tmp_path = tmp_path_factory.mktemp("more")
     path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\n')
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -145,7 +145,7 @@ def test_more_epochs_continue_the_trials_that_reached_the_budget_and_early_stopp
     scheduler_options = {"grace_period": 1, "reduction_factor": 2}
     """
     path = write(tmp_path, body)
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -177,7 +177,7 @@ def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the
     scheduler_options = {"grace_period": 1, "reduction_factor": 2}
     """
     path = write(tmp_path, body)
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     exp_dir = tmp_path / "grow"
@@ -203,7 +203,7 @@ def test_another_space_runs_only_new_points_marks_the_outside_ones_and_keeps_the
 @pytest.mark.timeout(600)
 def test_a_grown_optuna_sweep_suggests_its_new_trial_from_a_study_that_holds_the_earlier_results(tmp_path):
     path = write(tmp_path, 'space = {"lr": tune.loguniform(1e-3, 1e-1)}\nnum_samples = 2\nsearch = "optuna"\n')
-    args = [str(path), "--storage", str(tmp_path), "--seed", "1", "--no-dashboard"]
+    args = [str(path), "--storage", str(tmp_path), "--seed", "1"]
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     grown = sweep(*args, "--num-samples", "3")

@@ -25,7 +25,7 @@ class Driver:
     """A toolbox CLI in its own session; remembers every process below it, to check none outlives it."""
 
     def __init__(self, module: str, *args: str):
-        self.proc = start_cli(module, *args)
+        self.proc = start_cli(module, *args, dashboard=True)  # each Ray's own dashboard, on a port of its own
         self.seen: dict[int, psutil.Process] = {}
 
     def watch(self) -> bool:

@@ -10,14 +10,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env
+from helpers import ROOT, run_cli, start_cli
 
 KEYS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -50,14 +49,7 @@ def s3():
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"toolbox.{module}", *args],
-        cwd=ROOT,
-        env=python_env(**KEYS),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(module, *args, timeout=timeout, env=KEYS)
 
 
 def files(fs, path: str) -> set[str]:
@@ -71,15 +63,7 @@ def test_a_sweep_writes_everything_to_s3_and_resumes_from_it(s3, tmp_path):
     sweep_file.write_text(
         (ROOT / "sweeps" / "smoke.py").read_text().replace("num_samples = 4", "num_samples = 3\nmax_concurrent = 1")
     )
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "toolbox.sweep", str(sweep_file), "--storage", uri, "--seed", "2"],
-        cwd=ROOT,
-        env=python_env(**KEYS),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    driver = start_cli("sweep", str(sweep_file), "--storage", uri, "--seed", "2", env=KEYS)
     for line in driver.stdout:
         if line.startswith("[1/3]"):
             break

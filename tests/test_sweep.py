@@ -7,14 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, python_env, run_cli, start_cli
+from helpers import run_cli, start_cli
 
 TINY = """\
 from ray import tune
@@ -24,8 +23,8 @@ num_samples = 1  # each grid value once
 """
 
 
-def sweep(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return run_cli("sweep", *args, timeout=timeout)
+def sweep(*args: str, timeout: float = 240, dashboard: bool = False) -> subprocess.CompletedProcess:
+    return run_cli("sweep", *args, timeout=timeout, dashboard=dashboard)
 
 
 def write(tmp_path: Path, body: str, name: str) -> Path:
@@ -142,12 +141,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space,
         "killme",
     )
     exp_dir = tmp_path / "killme"
-    command = [sys.executable, "-m", "toolbox.sweep", str(path), "--storage", str(tmp_path)]
-    env = python_env()
     # Its own session, so that SIGKILL to the group takes the driver and the Ray it started, like a lost terminal.
-    driver = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    driver = start_cli("sweep", str(path), "--storage", str(tmp_path))
     finished_lines = []
     deadline = time.time() + 180
     for line in driver.stdout:
@@ -203,7 +198,9 @@ def test_train_in_tune_trials_free_their_workers(tmp_path):
         """,
         "tight",
     )
-    proc = sweep(str(path), "--storage", str(tmp_path), timeout=360)  # the watchdog
+    proc = sweep(
+        str(path), "--storage", str(tmp_path), timeout=360, dashboard=True
+    )  # the watchdog; Train-in-Tune needs the dashboard
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "tight" / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["epochs"] >= 1 for r in rows)

@@ -207,12 +207,12 @@ def test_the_users_project_runs_with_two_ddp_workers_and_sweeps_and_its_best_ret
     args = ["--import", str(project / "project_components.py"), "--arch", "ProjectMLP", "--dataset", "ProjectPoints"]
     args += ["--optimizer", "project_sgd", "--metrics", "project_error_rate", "--project-width", "8", "--workers", "2"]
     args += ["--loader-workers", "1"]  # the user's Dataset read by a DataLoader worker process on each of the two ranks
-    done = run_cli("run", *args, "--epochs", "2", "--storage", str(storage), "--name", "ddp", "--no-dashboard")
+    done = run_cli("run", *args, "--epochs", "2", "--storage", str(storage), "--name", "ddp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = read_rows(storage / "ddp")
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["val_project_error_rate"] <= 100 for r in rows), rows
 
-    done = run_cli("sweep", str(project / "project_sweep.py"), "--storage", str(storage), "--no-dashboard")
+    done = run_cli("sweep", str(project / "project_sweep.py"), "--storage", str(storage))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = pq.read_table(storage / "project_sweep" / "results.parquet").to_pylist()
     assert len(results) == 2 and all(r["status"] == "done" for r in results), results
@@ -245,7 +245,7 @@ def test_a_trial_scheduler_of_the_users_module_named_in_base_imports_schedules_t
         trial_scheduler, scheduler_options = "project_stop_after", {{"stop_after": 1}}
         """,
     )
-    done = run_cli("sweep", str(sweep), "--storage", str(tmp_path / "out"), "--no-dashboard")
+    done = run_cli("sweep", str(sweep), "--storage", str(tmp_path / "out"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     exp_dir = tmp_path / "out" / "stopped_sweep"
     rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
@@ -271,7 +271,6 @@ def test_a_failure_that_a_retry_would_repeat_fails_once_in_a_run_and_in_a_sweep(
         str(tmp_path / "out"),
         "--name",
         "breaks",
-        "--no-dashboard",
     )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "not retried: a retry would fail the same way" in done.stderr and "shape '[-1, 5]' is invalid" in done.stderr
@@ -292,7 +291,7 @@ def test_a_failure_that_a_retry_would_repeat_fails_once_in_a_run_and_in_a_sweep(
         trial_scheduler = "fifo"
         """,
     )
-    done = run_cli("sweep", str(sweep), "--storage", str(tmp_path / "out"))
+    done = run_cli("sweep", str(sweep), "--storage", str(tmp_path / "out"), dashboard=True)  # Train-in-Tune needs it
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["arch"]: r for r in pq.read_table(tmp_path / "out" / "breaking_sweep" / "results.parquet").to_pylist()}
     assert rows["FeedForwardNeuralNetwork"]["status"] == "done", rows
