@@ -116,3 +116,15 @@ def test_verbose_keeps_the_session_dir_of_the_local_ray_and_says_where(tmp_path)
         assert f"Ray's logs are kept in {session}" in proc.stdout, proc.stdout[-3000:]
     finally:
         shutil.rmtree(session, ignore_errors=True)
+
+
+def test_processes_that_seed_pythons_random_alike_draw_different_free_ports():
+    """A sweep seeds Python's random before it starts its Ray: two sweeps of one seed drew the same ports, and one's
+    dashboard found its port taken by the other's."""
+    draw = "import random; from toolbox.distributed.cluster import free_port; random.seed(0); print(free_port(), free_port())"
+    drawn = [
+        subprocess.run([sys.executable, "-c", draw], cwd=ROOT, env=python_env(), capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    ports = [int(port) for done in drawn for port in done.stdout.split()]
+    assert len(set(ports)) == 4, ports

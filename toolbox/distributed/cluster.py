@@ -31,17 +31,23 @@ def free_port() -> int:
     server that was meant to get it binds it; ports below the ephemeral range are only ever bound on purpose."""
     first_ephemeral = _first_ephemeral_port()
     for _ in range(1000):
-        port = random.randrange(_FIRST_OWN_PORT, first_ephemeral)
+        port = _port_draws.randrange(_FIRST_OWN_PORT, first_ephemeral)
+        if port in _ports_given:  # given to a server of this process that may not have bound it yet
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _ports_given.add(port)
+        return port
     raise OSError(f"no free port on 127.0.0.1 between {_FIRST_OWN_PORT} and {first_ephemeral}")
 
 
-_FIRST_OWN_PORT = 20000  # Ray's workers take 10002-19999 (its default min_worker_port and max_worker_port)
+_FIRST_OWN_PORT = 20000  # below it: Ray's client server (10001) and the worker ports a cluster's nodes often reserve
+# Not Python's shared random: a sweep seeds that, and sweeps of one seed would all draw the same ports.
+_port_draws = random.SystemRandom()
+_ports_given: set[int] = set()
 
 
 def _first_ephemeral_port() -> int:
