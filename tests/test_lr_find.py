@@ -1,5 +1,6 @@
 """``python -m toolbox.lr_find``: the LR range test's arithmetic, its suggestion on a quadratic whose good lr is
-known, its early stop, a two-worker DDP test on a real local Ray, and its outputs (of which nothing resumes)."""
+known, its early stop, a two-worker DDP test on a real local Ray, and its outputs (of which nothing resumes);
+and a sweep whose lr is "range_test", whose bounds a grown re-run reuses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import TINY_DUMMY, run_cli, train_locally
@@ -23,6 +25,7 @@ from toolbox.training.lr_range import Curve, Ramp, suggest
 from toolbox.training.phases import training_batches
 from toolbox.training.range_test import range_test
 from toolbox.training.session import local_session
+from toolbox.tuning.range_tests import BOUNDS_FILE, TESTS_DIR
 
 # One linear layer: with mse_loss, its loss is a quadratic whose curvature the data decides.
 LINEAR_MODEL = '''\
@@ -203,3 +206,58 @@ def test_a_range_test_resumed_from_a_checkpoint_starts_from_its_weights(tmp_path
         want = build_criterion(config)(trained(inputs), targets).item()
     assert local_curve(config, tmp_path / "epoch_1").rows[0]["loss"] == pytest.approx(want, rel=1e-5)
     assert local_curve(config).rows[0]["loss"] != pytest.approx(want, rel=1e-3)
+
+
+RANGE_TEST_SWEEP = """\
+from ray import tune
+base = {"dummy_n_samples": 64, "dummy_val_n_samples": 32, "ff_hidden_sizes": (8,), "batch_size": 16}
+space = {"optimizer": tune.choice(["adamw", "sgd"]), "lr": {"adamw": "range_test", "sgd": "range_test"}}
+num_samples = 2
+epochs = 1
+trial_scheduler = "fifo"
+max_concurrent = 2
+range_test = {"start_lr": 1e-4, "end_lr": 10.0, "steps": 20}
+"""
+
+
+def assert_every_trial_inside_its_optimizers_bounds(exp_dir: Path, bounds: dict, trials: int) -> None:
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == trials and all(r["status"] == "done" for r in rows), rows
+    for row in rows:
+        low, high = bounds[row["optimizer"]]
+        assert low <= row["lr"] <= high, (row["optimizer"], row["lr"], low, high)
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_sets_each_optimizers_lr_bounds_by_a_range_test_that_a_grown_rerun_reuses(tmp_path):
+    path = tmp_path / "ranged.py"
+    path.write_text(RANGE_TEST_SWEEP)
+    command = (str(path), "--storage", str(tmp_path), "--seed", "1")
+    done = run_cli("sweep", *command, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp_dir = tmp_path / "ranged"
+    record = json.loads((exp_dir / BOUNDS_FILE).read_text())
+    bounds = record["bounds"]
+    assert sorted(bounds) == ["adamw", "sgd"], record
+    for optimizer, (low, high) in bounds.items():
+        tested = exp_dir / TESTS_DIR / optimizer
+        summary = json.loads((tested / lr_find.JSON_FILE).read_text())
+        suggestion = suggest(read_csv(tested / lr_find.CSV_FILE), summary["max_steps"])
+        assert [low, high] == summary["range"] == [suggestion.low, suggestion.high], (optimizer, summary)
+        assert summary["config"]["optimizer"] == optimizer and summary["max_steps"] == 20 and summary["start_lr"] == 1e-4
+        assert (tested / lr_find.PNG_FILE).is_file()
+        assert f"lr range test of {optimizer}: suggested lr {suggestion.lr:.2e}" in done.stdout, done.stdout[-3000:]
+    assert "lr bounds from LR range tests (range_tests.json" in done.stdout
+    assert json.loads((exp_dir / "best.json").read_text())["lr_bounds_from_range_tests"] == bounds
+    assert_every_trial_inside_its_optimizers_bounds(exp_dir, bounds, trials=2)
+
+    tested_files = list((exp_dir / TESTS_DIR).rglob("lr_find.*"))
+    written = {file: file.stat().st_mtime_ns for file in tested_files}
+    grown = run_cli("sweep", *command, "--num-samples", "3", timeout=420)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert f"reusing range-test bounds from {exp_dir}/{BOUNDS_FILE}" in grown.stdout, grown.stdout[-3000:]
+    assert "lr range test of" not in grown.stdout and "lr range tests of" not in grown.stdout
+    assert len(tested_files) == 6 and {file: file.stat().st_mtime_ns for file in tested_files} == written
+    # Tune's restore copies the sweep dir to its staging dir and back: the record may be rewritten, never changed.
+    assert json.loads((exp_dir / BOUNDS_FILE).read_text()) == record
+    assert_every_trial_inside_its_optimizers_bounds(exp_dir, bounds, trials=3)

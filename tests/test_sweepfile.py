@@ -14,7 +14,8 @@ from toolbox.components.datasets import DATASETS
 from toolbox.config.registry import ConfigError
 from toolbox.training.builders import build_dataset
 from toolbox.tuning.fused_trials import fall_back_unless_fusable
-from toolbox.tuning.sweepfile import candidate_params, check_trials, load
+from toolbox.tuning.range_tests import range_test_config
+from toolbox.tuning.sweepfile import candidate_params, check_trials, load, range_tested, with_lr_bounds
 from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.py"))
@@ -93,6 +94,38 @@ BAD = {
         'space = {"lr": 0.1}\ntrial_scheduler = "hyperband"\nscheduler_options = {"reduction_factor": 0.5}',
         "scheduler_options['reduction_factor'] must be > 1, got 0.5",
     ),
+    "misspelled range test": (
+        'space = {"lr": "range_tst"}',
+        "space['lr']: 'range_tst' is no lr (did you mean 'range_test'?); the one text it takes is 'range_test'",
+    ),
+    "misspelled per-optimizer range test": (
+        'space = {"lr": {"adamw": "range-test"}}',
+        "space['lr']['adamw']: 'range-test' is no lr (did you mean 'range_test'?)",
+    ),
+    "range test of another key": (
+        'space = {"weight_decay": "range_test"}',
+        "space['weight_decay']: an LR range test sets the bounds of 'lr' only, not of 'weight_decay'",
+    ),
+    "range test of another per-component key": (
+        'space = {"lr": "range_test", "momentum": {"sgd": "range_test"}}',
+        "space['momentum']['sgd']: an LR range test sets the bounds of 'lr' only",
+    ),
+    "range test in base": (
+        'base = {"lr": "range_test"}\nspace = {"momentum": 0.9}',
+        "base['lr']: 'range_test' goes in `space` (as the lr), not in base",
+    ),
+    "unknown range test option": (
+        'space = {"lr": "range_test"}\nrange_test = {"step": 20}',
+        "range_test: no option 'step' (did you mean 'steps'?); it takes: start_lr, end_lr, steps",
+    ),
+    "range test option breaking its rule": (
+        'space = {"lr": "range_test"}\nrange_test = {"start_lr": 0}',
+        "range_test['start_lr'] must be > 0, got 0",
+    ),
+    "range test ramp going down": (
+        'space = {"lr": "range_test"}\nrange_test = {"start_lr": 1.0, "end_lr": 0.1}',
+        "range_test: --end-lr 0.1 must be larger than --start-lr 1",
+    ),
 }
 
 
@@ -106,6 +139,37 @@ def test_bad_sweep_file_is_refused_before_ray(tmp_path, capsys, case):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert not (tmp_path / "out").exists(), "nothing may be written for a refused sweep"
+
+
+@pytest.mark.parametrize(
+    ("lr", "tested"),
+    [
+        ('"range_test"', ["adamw", "sgd"]),
+        ('{"adamw": "range_test", "sgd": tune.loguniform(1e-2, 1e-1)}', ["adamw"]),
+    ],
+    ids=["plain", "per-optimizer"],
+)
+def test_range_test_is_an_lr_whose_bounds_the_test_sets(lr, tested, tmp_path):
+    """The text "range_test" loads as the lr, plain (every optimizer the sweep may choose) or per optimizer; its trials
+    check and build; the bounds replace it, per optimizer, and each test trains the base with its optimizer."""
+    from ray.tune.search.sample import Float
+
+    sweep = load(write(tmp_path, GOOD.replace(GOOD.split('"lr": ')[1].split(",\n")[0], lr) + 'range_test = {"steps": 20}\n'))
+    assert range_tested(sweep) == tested and sweep.ramp.steps == 20 and sweep.ramp.start_lr == 1e-7
+    check_trials(sweep, build_dataset(sweep.trial_config({})).spec, "sweep")
+    bounds = {"adamw": [1e-4, 2e-3], "sgd": [3e-3, 4e-2]}
+    space = with_lr_bounds(sweep, bounds)
+    for optimizer in tested:
+        domain = space["lr"][optimizer]
+        assert isinstance(domain, Float) and [domain.lower, domain.upper] == bounds[optimizer]
+    assert candidate_params(space)[0]["lr"].keys() == {"adamw", "sgd"}
+    config = range_test_config(sweep, "sgd")
+    assert config["optimizer"] == "sgd" and config["dummy_input_shape"] == (8,) and config["momentum"] == 0.8
+
+
+def test_a_sweep_without_range_test_keeps_its_space(tmp_path):
+    sweep = load(write(tmp_path, GOOD))
+    assert range_tested(sweep) == [] and with_lr_bounds(sweep, {}) is sweep.space
 
 
 def test_import_error_names_the_file_and_line(tmp_path, capsys):

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import io
 import json
 import logging
 import sys
 
 from toolbox.config.flags import describe_failure, exit_with
-from toolbox.config.registry import ConfigError, Fraction, PositiveFloat, PositiveInt
+from toolbox.config.registry import ConfigError, Fraction
 from toolbox.config.resolve import TRAINING_OPTIONS, coerce
 from toolbox.distributed.dirkind import LR_FIND
 from toolbox.distributed.trainer import REPORTS_FILE, range_test_worker
 from toolbox.driver import Command, Plan, fit_echoing, fitted, plan_trainer, prepared, start_ray
-from toolbox.training.epochlog import replace_file
-from toolbox.training.lr_range import RANGE_RULE, SUGGESTION_RULE, Curve, Ramp, Suggestion, describe, suggest
+from toolbox.training.lr_range import RAMP_RULES, RANGE_RULE, SUGGESTION_RULE, Curve, Ramp, describe, suggest
+from toolbox.tuning.range_outputs import (
+    CSV_FILE,
+    JSON_FILE,
+    PNG_FILE,
+    how_it_stopped,
+    range_test_settings,
+    write_outputs,
+)
 
 log = logging.getLogger("toolbox")
 
-CSV_FILE, JSON_FILE, PNG_FILE = "lr_find.csv", "lr_find.json", "lr_find.png"
 EPILOG = f"""\
 The lr rises exponentially from --start-lr to --end-lr over at most --steps optimizer steps on the
 training data, every param group's lr set at each step, with the run's model, optimizer and loss
@@ -53,7 +56,7 @@ def add_range_test_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_range_test_flags(args: argparse.Namespace) -> None:
-    for key, rule in (("start_lr", PositiveFloat), ("end_lr", PositiveFloat), ("steps", PositiveInt), ("smoothing", Fraction)):
+    for key, rule in (*RAMP_RULES.items(), ("smoothing", Fraction)):
         setattr(args, key, coerce(key, rule, getattr(args, key)))
     refusal = ramp_of(args).refusal()
     if refusal:
@@ -84,14 +87,14 @@ def ramp_of(args: argparse.Namespace) -> Ramp:
     return Ramp(args.start_lr, args.end_lr, args.steps)
 
 
+def settings_of(args: argparse.Namespace) -> dict:
+    return range_test_settings(ramp_of(args), Curve(smoothing=args.smoothing, diverge_factor=args.diverge_factor))
+
+
 def fit(plan: Plan):
     """Start Ray and run the range test on the plan's workers; returns Ray Train's Result."""
     start_ray(plan, COMMAND.prog)
-    settings = {
-        "ramp": dataclasses.asdict(ramp_of(plan.args)),
-        "curve": {"smoothing": plan.args.smoothing, "diverge_factor": plan.args.diverge_factor},
-    }
-    return fit_echoing(plan_trainer(plan, worker=range_test_worker, settings=settings), plan)
+    return fit_echoing(plan_trainer(plan, worker=range_test_worker, settings=settings_of(plan.args)), plan)
 
 
 def ranks_curves(plan: Plan) -> list[dict]:
@@ -100,56 +103,6 @@ def ranks_curves(plan: Plan) -> list[dict]:
     reports = json.loads(path.read_text())
     path.unlink()
     return reports
-
-
-def csv_text(rows: list[dict]) -> str:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["step", "lr", "loss", "smoothed_loss"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
-
-
-def summary(plan: Plan, curves: list[dict], suggestion: Suggestion) -> dict:
-    """lr_find.json: the suggestion and its range, their rules, and how the test ran."""
-    args, rows = plan.args, curves[0]["rows"]
-    return {
-        "suggestion": suggestion.lr,
-        "range": None if suggestion.lr is None else [suggestion.low, suggestion.high],
-        "rule": {"suggestion": SUGGESTION_RULE, "range": RANGE_RULE},
-        "why_none": suggestion.why or None,
-        "minimum_lr": suggestion.minimum_lr,
-        "stopped_early": curves[0]["diverged"],
-        "steps": len(rows),
-        "max_steps": args.steps,
-        "start_lr": args.start_lr,
-        "end_lr": args.end_lr,
-        "smoothing": args.smoothing,
-        "diverge_factor": args.diverge_factor,
-        "workers": len(curves),
-        "workers_agree": all(curve == curves[0] for curve in curves),
-        "config": plan.config,
-    }
-
-
-def write_outputs(plan: Plan, curves: list[dict], suggestion: Suggestion) -> None:
-    from toolbox.tuning.plots import plot_lr_range
-
-    directory, rows = plan.place.local, curves[0]["rows"]
-    replace_file(directory / CSV_FILE, csv_text(rows).encode())
-    replace_file(directory / JSON_FILE, json.dumps(summary(plan, curves, suggestion), indent=2).encode())
-    title = f"{plan.args.name}: {plan.config['arch']}, {plan.config['optimizer']} on {plan.config['dataset']}"
-    plot_lr_range(rows, suggestion, title, directory / PNG_FILE)
-    if plan.place.mirror is not None:
-        for name in (CSV_FILE, JSON_FILE, PNG_FILE):
-            plan.place.mirror.push(directory, name)
-
-
-def how_it_stopped(rows: list[dict], diverged: bool, steps: int) -> str:
-    last = rows[-1]
-    if diverged:
-        return f"stopped at step {last['step'] + 1} of {steps} (lr {last['lr']:.2e}): the smoothed loss diverged"
-    return f"ran all {steps} steps to lr {last['lr']:.2e} without the loss diverging"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         curves = ranks_curves(plan)
         rows, diverged = curves[0]["rows"], curves[0]["diverged"]
         suggestion = suggest(rows, args.steps)
-        write_outputs(plan, curves, suggestion)
+        write_outputs(
+            plan.place.local,
+            "",
+            plan.place.mirror,
+            name=args.name,
+            curves=curves,
+            suggestion=suggestion,
+            settings=settings_of(args),
+            config=plan.config,
+        )
     except OSError as exc:
         print(f"{COMMAND.prog}: saving the curve failed: {describe_failure(exc)}", file=sys.stderr)
         return 1

@@ -29,9 +29,9 @@ from toolbox.distributed.storage import delete_deferred
 from toolbox.training.builders import build_dataset, check_against_data, check_components, check_shards
 from toolbox.training.epochlog import replace_file
 from toolbox.training.loop import warn_if_bf16_is_slow
-from toolbox.tuning import confirm, growth, outcome, results
+from toolbox.tuning import confirm, growth, outcome, range_tests, results
 from toolbox.tuning.fused_trials import FUSED_SLOT, fall_back_unless_fusable, start_workers
-from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load
+from toolbox.tuning.sweepfile import FIELDS, Sweep, candidate_params, check_trials, import_sweep_file, load, with_lr_bounds
 from toolbox.tuning.trial import TRAIN_DRIVER_RESOURCE, run_trial, trainable
 from toolbox.tuning.trial_dirs import tidy
 from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
@@ -251,6 +251,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     data_ref = ray.put(data.to_shared())
+    args.lr_bounds = range_tests.lr_bounds(sweep, exp, data_ref)
+    sweep.space = with_lr_bounds(sweep, args.lr_bounds)
     if sweep.trials_fused:  # the trial only relays its member's epochs; the worker holds the device
         trial_resources = {FUSED_SLOT: 1}
         args.fused_workers = start_workers(sweep, data_ref, cpus, gpus)
@@ -287,11 +289,13 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
     rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
+    if args.lr_bounds:
+        log.info(range_tests.said(args.lr_bounds))
     if args.confirming:
         confirm.report(rows, sweep, *args.confirming)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
     with ThreadPoolExecutor(1) as pool:
-        written = pool.submit(results.write, rows, sweep, exp_dir, exp.mirror)
+        written = pool.submit(results.write, rows, sweep, exp_dir, exp.mirror, args.lr_bounds)
         placement_groups_left = cluster.stop()
         best = written.result()
     summary = {

@@ -29,6 +29,13 @@ class Workers:
 
 def _worker_start(loop_config: dict):
     """What every worker does first: the user's code, its threads, its data and its session."""
+    from toolbox.training.session import train_session
+
+    return _process_start(loop_config), train_session()
+
+
+def _process_start(loop_config: dict):
+    """The user's code, the process's threads and its data."""
     import ray
     import torch
 
@@ -37,14 +44,13 @@ def _worker_start(loop_config: dict):
     from toolbox.training.builders import shared_data
     from toolbox.training.failures import fail_once
     from toolbox.training.phases import flush_denormals
-    from toolbox.training.session import train_session
 
     flush_denormals()
     quiet_ray()
     with fail_once():
         user_code.load(loop_config["config"]["imports"])
     torch.set_num_threads(loop_config["threads"])
-    return shared_data(ray.get(loop_config["data"]), loop_config["config"]), train_session()
+    return shared_data(ray.get(loop_config["data"]), loop_config["config"])
 
 
 def train_worker(loop_config: dict) -> None:
@@ -70,15 +76,30 @@ def train_worker(loop_config: dict) -> None:
 
 def range_test_worker(loop_config: dict) -> None:
     """Ray Train's per-worker entry point of the LR range test: every rank reports its curve once, and no checkpoint."""
+    data, session = _worker_start(loop_config)
+    session.report(_range_test_curve(loop_config, data, session), None)
+
+
+def range_test_process(loop_config: dict, use_gpu: bool) -> dict:
+    """The LR range test in this process alone (a Ray task of a sweep's): its curve, as a worker reports it."""
+    import torch
+
+    from toolbox.training.session import local_session
+
+    data = _process_start(loop_config)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    return _range_test_curve(loop_config, data, local_session(lambda metrics, checkpoint: None, device))
+
+
+def _range_test_curve(loop_config: dict, data, session) -> dict:
     from toolbox.training.failures import fail_once
     from toolbox.training.lr_range import Curve, Ramp
     from toolbox.training.range_test import range_test
 
-    data, session = _worker_start(loop_config)
     ramp, curve = Ramp(**loop_config["settings"]["ramp"]), Curve(**loop_config["settings"]["curve"])
     with fail_once(session):
         range_test(loop_config["config"], data, session, ramp, curve, loop_config["resume_from"])
-    session.report({"rows": curve.rows, "diverged": curve.diverged}, None)
+    return {"rows": curve.rows, "diverged": curve.diverged}
 
 
 def epoch_log_callback(where: Place, epochs: int, hparams: dict | None, rows: bool = True):

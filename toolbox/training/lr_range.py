@@ -1,13 +1,16 @@
 """The LR range test's arithmetic (Smith's test, as fastai's and Lightning's ``lr_find``): the exponential ramp,
 the smoothed loss and when it has diverged, and the suggested lr and sweep range read off the curve.
 
-Plain Python: the per-rank loop (``range_test``) and the CLI (``toolbox.lr_find``) call it, and tests may too.
+Plain Python: the per-rank loop (``range_test``), ``toolbox.lr_find`` and a sweep's range tests call it, and tests may too.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
+
+from toolbox.config.registry import PositiveFloat, PositiveInt
 
 SUGGESTION_RULE = "steepest descent of the smoothed loss"
 RANGE_RULE = "the suggestion / 10 .. the smoothed loss's minimum / 10, and at least the suggestion"
@@ -19,9 +22,9 @@ SKIPPED_SHARE = 0.1
 class Ramp:
     """An exponential ramp of the lr from ``start_lr`` at step 0 to ``end_lr`` at step ``steps - 1``."""
 
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
-    steps: int = 100
+    start_lr: PositiveFloat = 1e-7
+    end_lr: PositiveFloat = 10.0
+    steps: PositiveInt = 100
 
     def lr(self, step: int) -> float:
         return self.start_lr * (self.end_lr / self.start_lr) ** (step / (self.steps - 1))
@@ -33,6 +36,9 @@ class Ramp:
         if self.steps < 2:
             return f"--steps must be at least 2, got {self.steps}"
         return None
+
+
+RAMP_RULES = typing.get_type_hints(Ramp, include_extras=True)  # each setting's value rule
 
 
 @dataclass

@@ -20,6 +20,7 @@ from toolbox.training.checkpoint import META_FILE, STATE_FILE
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
 from toolbox.tuning.growth import in_space
+from toolbox.tuning.range_tests import BOUNDS_FILE
 from toolbox.tuning.sweepfile import Sweep
 from toolbox.tuning.trial_dirs import TRIAL_DIR
 
@@ -162,8 +163,9 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | None:
-    """results.parquet/.csv, best.json and plots; returns best.json's content."""
+def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None, lr_bounds: dict | None = None) -> dict | None:
+    """results.parquet/.csv, best.json and plots; returns best.json's content. ``lr_bounds``: those that the
+    sweep's LR range tests set, per optimizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         return None
@@ -200,6 +202,7 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None) -> dict | 
         "checkpoint": best["checkpoint"],
         "config": config,
         "command": retrain_command(config, f"{sweep.name}-best"),
+        **({"lr_bounds_from_range_tests": lr_bounds, "range_tests": BOUNDS_FILE} if lr_bounds else {}),
         **({"confirmed": earlier["confirmed"]} if "confirmed" in earlier else {}),  # --confirm's, kept when the sweep grows
     }
     replace_file(out_dir / "best.json", json.dumps(summary, indent=2, default=str).encode())

@@ -9,8 +9,12 @@ A sweep file sets module-level names (every one is optional except ``space``)::
              "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
     metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10   # mode unset: the metric's own
     trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, pbt, or your own
+    range_test = {"steps": 50} # the ramp of the LR range tests that "lr": "range_test" asks for (see below)
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
+
+``"lr": "range_test"`` (or ``{"adamw": "range_test", ...}`` per optimizer) has an LR range test of each such
+optimizer set its lr's loguniform bounds before the trials start (``toolbox.tuning.range_tests``).
 
 Everything is checked here, before Ray starts: a typo must not cost a 30-minute sweep. Every value a grid
 or choice lists is checked by its key's rule, and up to 512 of their crossings as whole trials; every trial
@@ -31,6 +35,7 @@ from typing import Annotated, Any, Literal
 
 from toolbox.components.datasets import DATASETS
 from toolbox.components.metrics import mode_of
+from toolbox.components.optimizers import OPTIMIZERS
 from toolbox.config import user_code
 from toolbox.config.registry import (
     ConfigError,
@@ -45,10 +50,12 @@ from toolbox.config.registry import (
 from toolbox.config.resolve import IMPORTS, KINDS, TRAINING_OPTIONS, all_keys, coerce, flag, resolve
 from toolbox.data.tensors import DataSpec
 from toolbox.distributed.locations import check_name
+from toolbox.training.lr_range import RAMP_RULES, Ramp
 from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 DEFAULTS = {o.key: o.default for o in TRAINING_OPTIONS}
 MAX_FUSE = 1024
+RANGE_TEST, LR_KEY = "range_test", "lr"  # "lr": "range_test" in a space: its bounds come from an LR range test
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Sweep:
     # One-worker trials run the loop in the trial's own process, with no worker group to start.
     # False runs them through a TorchTrainer, like multi-worker trials.
     in_process: bool = True
+    range_test: dict[str, Any] = field(default_factory=dict)  # the ramp of its LR range tests: start_lr, end_lr, steps
 
     def __post_init__(self) -> None:
         if self.mode is None:
@@ -84,6 +92,10 @@ class Sweep:
     def total_trials(self) -> int:
         """num_samples times the size of every grid_search in the space."""
         return self.num_samples * math.prod(len(v["grid_search"]) for v in self.space.values() if _is_grid(v))
+
+    @property
+    def ramp(self) -> Ramp:
+        return Ramp(**self.range_test)
 
     @property
     def trials_in_process(self) -> bool:
@@ -107,6 +119,35 @@ class Sweep:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
 FIELD_RULES = typing.get_type_hints(Sweep, include_extras=True)
+
+
+def range_tested(sweep: Sweep) -> list[str]:
+    """The optimizers whose lr bounds an LR range test sets: every one the sweep may choose for a plain
+    ``"lr": "range_test"``, those marked so in a per-optimizer lr."""
+    value = sweep.space.get(LR_KEY)
+    if _is_range_test(value):
+        selector = OPTIMIZERS.selector
+        chosen = _values(sweep.space[selector]) if selector in sweep.space else []
+        return list(dict.fromkeys(chosen or [sweep.base.get(selector, DEFAULTS[selector])]))
+    if isinstance(value, dict) and not _is_grid(value):
+        return [optimizer for optimizer, sub in value.items() if _is_range_test(sub)]
+    return []
+
+
+def with_lr_bounds(sweep: Sweep, bounds: dict[str, list[float]]) -> dict[str, Any]:
+    """The sweep's space with each ``"range_test"`` replaced by its optimizer's ``tune.loguniform(low, high)``."""
+    from ray import tune
+
+    tested = range_tested(sweep)
+    if not tested:
+        return sweep.space
+    given = sweep.space[LR_KEY] if isinstance(sweep.space[LR_KEY], dict) else {}
+    lr = {**given, **{optimizer: tune.loguniform(*bounds[optimizer]) for optimizer in tested}}
+    return {**sweep.space, LR_KEY: lr}
+
+
+def _is_range_test(value: Any) -> bool:
+    return isinstance(value, str) and value == RANGE_TEST
 
 
 def owner(key: str):
@@ -187,6 +228,7 @@ def check(sweep: Sweep, where: str) -> None:
     for key in list(sweep.base) + list(sweep.space):
         if key not in keys:
             raise ConfigError(f"{where}: unknown key {key!r}{nearest(key, list(keys))}")
+    _check_range_test_marks(sweep, where)
     for key, value in sweep.space.items():
         registry = owner(key)
         _check_domain(value, f"{where}: space[{key!r}]")
@@ -217,6 +259,24 @@ def check(sweep: Sweep, where: str) -> None:
             f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
             f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})"
         )
+
+
+def _check_range_test_marks(sweep: Sweep, where: str) -> None:
+    """``"range_test"`` only as the lr in the space, plain or per optimizer; any other text there is a typo."""
+    for key, value in sweep.base.items():
+        if _is_range_test(value):
+            raise ConfigError(f"{where}: base[{key!r}]: {RANGE_TEST!r} goes in `space` (as the lr), not in base")
+    for key, value in sweep.space.items():
+        per_component = isinstance(value, dict) and not _is_grid(value)
+        for component, sub in value.items() if per_component else [(None, value)]:
+            at = f"{where}: space[{key!r}]" + (f"[{component!r}]" if per_component else "")
+            if _is_range_test(sub) and key != LR_KEY:
+                raise ConfigError(f"{at}: an LR range test sets the bounds of {LR_KEY!r} only, not of {key!r}")
+            if key == LR_KEY and isinstance(sub, str) and not _is_range_test(sub):
+                raise ConfigError(
+                    f"{at}: {sub!r} is no lr{nearest(sub, [RANGE_TEST])}; "
+                    f"the one text it takes is {RANGE_TEST!r} (bounds from an LR range test)"
+                )
 
 
 def check_trials(sweep: Sweep, spec: DataSpec, where: str) -> None:
@@ -301,6 +361,7 @@ def _rules(key: str, component: str | None = None) -> list:
 def _check_fields(sweep: Sweep, where: str) -> None:
     try:
         _check_trial_scheduler(sweep)
+        _check_range_test_options(sweep)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if sweep.search == "optuna":
@@ -329,6 +390,19 @@ def _check_trial_scheduler(sweep: Sweep) -> None:
         raise ConfigError(f"trial_scheduler {scheduler.name!r} does not build: {one_line(exc)}") from None
 
 
+def _check_range_test_options(sweep: Sweep) -> None:
+    """The range test's options are the ramp's settings, each by its rule, and make a ramp."""
+    for option, value in sweep.range_test.items():
+        if option not in RAMP_RULES:
+            raise ConfigError(
+                f"range_test: no option {option!r}{nearest(option, list(RAMP_RULES))}; it takes: {', '.join(RAMP_RULES)}"
+            )
+        sweep.range_test[option] = coerce(option, RAMP_RULES[option], value, label=f"range_test[{option!r}]")
+    refusal = sweep.ramp.refusal()
+    if refusal:
+        raise ConfigError(f"range_test: {refusal}")
+
+
 def _is_grid(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"grid_search"}
 
@@ -344,6 +418,8 @@ def _values(domain: Any) -> list[Any]:
         return [{c: v[0] for c, v in ends.items() if v}, {c: v[-1] for c, v in ends.items() if v}]
     if isinstance(domain, Categorical):
         return list(domain.categories)
+    if _is_range_test(domain):
+        return []  # its bounds come from the range test, before any trial draws from them
     if isinstance(domain, Float):
         return [domain.lower, domain.upper]
     if isinstance(domain, Integer):
