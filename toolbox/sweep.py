@@ -277,6 +277,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.mode,
         exp_dir,
     )
+    if sweep.multi_objective:
+        log.info("objectives: %s; Tune and its searcher rank by the first", ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
     tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress, args.start_from)
     fit_started, fit_cpu_started = time.time(), time.process_time()
     try:
@@ -287,6 +289,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     delete_deferred()  # Tune has written its last snapshot: no record names those checkpoints now
     rows = results.trial_rows(grid, sweep, progress.startup_s, results.saved_trials(exp), args.record.budgets)
     print(results.format_table(rows, sweep), flush=True)
+    if sweep.multi_objective:
+        print(results.front_lines(rows, sweep), flush=True)
     if args.confirming:
         confirm.report(rows, sweep, *args.confirming)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.
