@@ -1,4 +1,4 @@
-"""Pareto fronts, and MO-ASHA's decisions at its rungs, without Ray running."""
+"""Pareto fronts, MO-ASHA's decisions at its rungs and Optuna's multi-objective search, without Ray running."""
 
 from __future__ import annotations
 
@@ -100,3 +100,27 @@ def test_moasha_rebuilds_its_rungs_from_replayed_epochs():
     scheduler.on_trial_complete(None, trial("big"), {"training_iteration": 2, "val_top_1_accuracy": 85.0, "params": 1000})
     assert scheduler.rungs[1] == {"big": [80.0, 1000]} and scheduler.rungs[2] == {"big": [85.0, 1000]}
     assert report(scheduler, "worse", 2, 70.0, 2000) == TrialScheduler.STOP
+
+
+def test_optuna_searches_every_objective_while_tune_ranks_by_the_primary(tmp_path):
+    """Tune hands its searcher the primary objective alone; Optuna's study still has a direction per objective."""
+    from ray import tune
+
+    from toolbox.tuning.search import search_algorithm
+    from toolbox.tuning.sweepfile import load
+
+    path = tmp_path / "mo_optuna.py"
+    path.write_text(
+        "from ray import tune\n"
+        'base = {"dataset": "DummyDataset", "dummy_input_shape": (8,)}\n'
+        'space = {"lr": tune.loguniform(1e-4, 1e-2)}\n'
+        'metric, mode, search, trial_scheduler = ["val_top_1_accuracy", "params"], ["max", "min"], "optuna", "moasha"\n'
+    )
+    sweep = load(path)
+    searcher = search_algorithm(sweep, max_concurrent=2)
+    assert searcher.set_search_properties(sweep.metric, sweep.mode, {"lr": tune.loguniform(1e-4, 1e-2)})
+    config = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"val_top_1_accuracy": 50.0, "params": 118, **config})
+    study = searcher.searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.trials[0].values == [50.0, 118]

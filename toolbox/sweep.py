@@ -278,7 +278,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         exp_dir,
     )
     if sweep.multi_objective:
-        log.info("objectives: %s; Tune and its searcher rank by the first", ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
+        log.info("objectives: %s; Tune ranks by the first, the primary", ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
     tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress, args.start_from)
     fit_started, fit_cpu_started = time.time(), time.process_time()
     try:
