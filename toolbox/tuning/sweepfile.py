@@ -9,7 +9,7 @@ A sweep file sets module-level names (every one is optional except ``space``)::
              "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
     metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10   # mode unset: the metric's own
     # or several objectives, one mode each: metric, mode = ["val_top_1_accuracy", "params"], ["max", "min"]
-    trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, pbt, or your own
+    trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, moasha, pbt, or your own
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
 
