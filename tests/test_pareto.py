@@ -124,3 +124,41 @@ def test_optuna_searches_every_objective_while_tune_ranks_by_the_primary(tmp_pat
     study = searcher.searcher._ot_study
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.trials[0].values == [50.0, 118]
+
+
+def test_results_rank_by_front_then_the_primary_objective_each_trial_at_its_best_epoch(tmp_path):
+    """A trial's point is its epoch that scored best by the primary objective, not each objective's own best."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from toolbox.training.epochlog import EpochLog
+    from toolbox.tuning import results
+    from toolbox.tuning.sweepfile import Sweep
+
+    sweep = Sweep(name="s", space={}, metric=["val_top_1_accuracy", "epoch_s"], trial_scheduler="moasha")
+    epochs = {  # (accuracy, seconds) per epoch
+        "small": [(60.0, 1.0), (70.0, 3.0)],
+        "big": [(80.0, 5.0), (75.0, 2.0)],  # its point is epoch 1's: (80, 5), not (80, 2)
+        "slow": [(65.0, 6.0)],  # dominated by both
+    }
+    grid = []
+    for trial_id, values in epochs.items():
+        log = EpochLog(tmp_path / trial_id)
+        for epoch, (accuracy, seconds) in enumerate(values, start=1):
+            row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_top_1_accuracy": accuracy}
+            log.append(row | {"epoch_s": seconds, "samples_per_s": 1.0, "params": 10})
+        path = str(tmp_path / trial_id)
+        grid.append(
+            SimpleNamespace(
+                path=path, filesystem=pyarrow.fs.LocalFileSystem(), metrics={"trial_id": trial_id}, config={}, error=None
+            )
+        )
+    rows = results.trial_rows(grid, sweep)
+    assert [(r["trial_id"], r["pareto"], r["val_top_1_accuracy"], r["epoch_s"], r["best_epoch"]) for r in rows] == [
+        ("big", 1, 80.0, 5.0, 1),
+        ("small", 1, 70.0, 3.0, 2),
+        ("slow", 2, 65.0, 6.0, 1),
+    ]
+    header = results.format_table(rows, sweep).splitlines()[0].split()
+    assert header[header.index("val_top_1_accuracy") :][:3] == ["val_top_1_accuracy", "epoch_s", "pareto"]
