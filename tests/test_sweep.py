@@ -326,3 +326,51 @@ def test_a_grid_of_a_hundred_thousand_points_starts_at_once_and_its_bad_point_fa
     assert len(bad) == 1 and bad[0]["status"] == "error" and bad[0]["retries"] == 0, bad
     assert "--lr must be > 0, got -1" in bad[0]["error"] and "not retried" in bad[0]["error"], bad[0]["error"]
     assert any(r["status"] == "done" for r in rows), rows
+
+
+def dominated(point: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+    """Whether another (accuracy, params) point is as accurate and as small, and more accurate or smaller."""
+    return any(a >= point[0] and p <= point[1] and (a, p) != point for a, p in others)
+
+
+@pytest.mark.timeout(300)
+def test_a_moasha_sweep_stops_only_dominated_trials_and_writes_its_pareto_front(tmp_path):
+    """Accuracy against parameter count: the hopeless lr's trials are dominated by the good ones of their size or smaller."""
+    path = write(
+        tmp_path,
+        """\
+        space = {"ff_hidden_sizes": tune.grid_search([(4,), (16,), (64,)]), "lr": tune.grid_search([3e-2, 1e-7])}
+        metric, mode = ["val_top_1_accuracy", "params"], ["max", "min"]
+        trial_scheduler, scheduler_options = "moasha", {"grace_period": 1, "reduction_factor": 2}
+        epochs, max_concurrent = 4, 2
+        """,
+        "moasha",
+    )
+    proc = sweep(str(path), "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp_dir = tmp_path / "moasha"
+    rows = pq.read_table(exp_dir / "results.parquet").to_pylist()
+    assert len(rows) == 6 and all(r["pareto"] is not None for r in rows), rows
+    ranks = [(r["pareto"], -r["val_top_1_accuracy"]) for r in rows]
+    assert ranks == sorted(ranks), "by front, then by the primary objective"
+    epochs = {r["trial_id"]: pq.read_table(Path(r["trial_dir"]) / "epochs.parquet").to_pylist() for r in rows}
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped and all(r["lr"] == 1e-7 for r in stopped), rows
+    for row in stopped:  # at the rung of its last epoch, against every other trial that reached that epoch
+        rung = row["epochs"]
+        at_rung = {t: next(e for e in table if e["epoch"] == rung) for t, table in epochs.items() if len(table) >= rung}
+        point = (at_rung[row["trial_id"]]["val_top_1_accuracy"], at_rung[row["trial_id"]]["params"])
+        others = [(e["val_top_1_accuracy"], e["params"]) for t, e in at_rung.items() if t != row["trial_id"]]
+        assert rung in (1, 2) and dominated(point, others), (row["trial_id"], rung, point, others)
+    points = {r["trial_id"]: (r["val_top_1_accuracy"], r["params"]) for r in rows}
+    front = {t for t, p in points.items() if not dominated(p, [q for s, q in points.items() if s != t])}
+    best = json.loads((exp_dir / "best.json").read_text())
+    assert {m["trial_id"] for m in best["front"]} == front == {r["trial_id"] for r in rows if r["pareto"] == 1}
+    assert best["objectives"] == [{"metric": "val_top_1_accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}]
+    for member in best["front"]:
+        assert member["values"] == dict(zip(("val_top_1_accuracy", "params"), points[member["trial_id"]]))
+        assert member["command"].startswith("python -m toolbox.run ")
+        assert member["command"].endswith(f"--name moasha-{member['trial_id']}")
+    assert best["trial_id"] == rows[0]["trial_id"] and best["value"] == max(p[0] for p in points.values())
+    assert (exp_dir / "plots" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Pareto front (val_top_1_accuracy max, params min): {len(front)} of 6 trials" in proc.stdout

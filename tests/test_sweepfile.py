@@ -126,6 +126,30 @@ BAD = {
         'space = {"lr": "range_test"}\nrange_test = {"start_lr": 1.0, "end_lr": 0.1}',
         "range_test: --end-lr 0.1 must be larger than --start-lr 1",
     ),
+    "a mode short of the metrics": (
+        'space = {"lr": 0.1}\nmetric = ["val_top_1_accuracy", "params"]\nmode = ["max"]\ntrial_scheduler = "moasha"',
+        "mode: ['max'] is not one mode per metric of ['val_top_1_accuracy', 'params']: give 2, or none",
+    ),
+    "an unknown mode in a list": (
+        'space = {"lr": 0.1}\nmetric = ["val_top_1_accuracy", "params"]\nmode = ["max", "least"]\ntrial_scheduler = "moasha"',
+        "mode: 'least' is not one of min, max",
+    ),
+    "a metric named twice": (
+        'space = {"lr": 0.1}\nmetric = ["val_loss", "params", "val_loss"]\ntrial_scheduler = "moasha"',
+        "metric: 'val_loss' is named twice in ['val_loss', 'params', 'val_loss']",
+    ),
+    "an objective nothing reports": (
+        'space = {"lr": 0.1}\nmetric = ["val_top_1_accuracy", "param"]\ntrial_scheduler = "moasha"',
+        "metric 'param' is never reported (did you mean 'params'?)",
+    ),
+    "moasha with one objective": (
+        'space = {"lr": 0.1}\ntrial_scheduler = "moasha"',
+        "moasha ranks by several objectives, and this sweep has one ('val_top_1_accuracy'): use trial_scheduler 'asha'",
+    ),
+    "asha with two objectives": (
+        'space = {"lr": 0.1}\nmetric = ["val_top_1_accuracy", "params"]',
+        "asha ranks by one metric, and this sweep has 2: use trial_scheduler 'moasha'",
+    ),
 }
 
 
@@ -201,7 +225,11 @@ def test_another_trial_scheduler_on_the_command_line_drops_the_files_options():
 def test_every_trial_scheduler_builds_with_its_default_options(name, tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
-    sweep = load(write(tmp_path, GOOD + f"trial_scheduler = {name!r}\n"))
+    text = GOOD + f"trial_scheduler = {name!r}\n"
+    try:
+        sweep = load(write(tmp_path, text))
+    except ConfigError:  # one for several objectives (moasha)
+        sweep = load(write(tmp_path, text + 'metric = ["val_top_1_accuracy", "params"]\n'))
     assert isinstance(trial_scheduler(sweep), TrialScheduler)
 
 
@@ -244,6 +272,25 @@ def test_mode_not_set_is_the_metrics_own(lines, mode, tmp_path):
     """A sweep file without `mode` ranks by its metric's registered mode (errors and losses fall); a set one stays."""
     space = '{"lr": tune.loguniform(1e-4, 1e-3)}'
     assert load(write(tmp_path, f"from ray import tune\nspace = {space}\n{lines}\n")).mode == mode
+
+
+@pytest.mark.parametrize(
+    ("lines", "objectives"),
+    [
+        (
+            'metric = ["val_top_1_accuracy", "params", "epoch_s"]',
+            [("val_top_1_accuracy", "max"), ("params", "min"), ("epoch_s", "min")],
+        ),
+        ('metric = ["params", "val_loss"]\nmode = ["max", "min"]', [("params", "max"), ("val_loss", "min")]),
+        ('metric = ("val_loss",)', [("val_loss", "min")]),
+    ],
+    ids=["own-modes", "set-in-the-file", "a-list-of-one"],
+)
+def test_several_objectives_each_with_its_mode_the_first_the_primary(lines, objectives, tmp_path):
+    """``metric`` and ``mode`` hold the primary objective, which Tune ranks by; ``objectives`` all of them."""
+    sweep = load(write(tmp_path, f'space = {{"lr": 0.1}}\ntrial_scheduler = "fifo"\n{lines}\n'))
+    assert list(sweep.objectives) == objectives and (sweep.metric, sweep.mode) == objectives[0]
+    assert sweep.multi_objective == (len(objectives) > 1)
 
 
 def test_fuse_falls_back_for_map_style_splits_and_says_why(tmp_path, caplog, monkeypatch):

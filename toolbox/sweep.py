@@ -279,6 +279,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.mode,
         exp_dir,
     )
+    if sweep.multi_objective:
+        log.info("objectives: %s; Tune ranks by the first, the primary", ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
     tuner = make_tuner(sweep, trial, exp, cpus, gpus, progress, args.start_from)
     fit_started, fit_cpu_started = time.time(), time.process_time()
     try:
@@ -291,6 +293,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     print(results.format_table(rows, sweep), flush=True)
     if args.lr_bounds:
         log.info(range_tests.said(args.lr_bounds))
+    if sweep.multi_objective:
+        print(results.front_lines(rows, sweep), flush=True)
     if args.confirming:
         confirm.report(rows, sweep, *args.confirming)
     # Ray's shutdown waits for its processes to exit: write the results and plots meanwhile.

@@ -95,6 +95,7 @@ class Run:
     best_val_loss: float = math.inf
     first_step_time: float | None = None
     history: list = field(default_factory=list)  # its rows so far, carried in its checkpoints
+    params: int = 0  # the model's parameter count
 
 
 def dropout_seed(config: dict, rank: int) -> int:
@@ -143,6 +144,7 @@ def setup(
     augmentation = torch.Generator(session.device).manual_seed(augmentation_seed(config, session.rank))
     components = (model, optimizer, scheduler, interval, criterion, metrics)
     run = record(config, session, *components, steps_per_epoch, dropout, build_augmentations(config), augmentation)
+    run.params = sum(p.numel() for p in run.model.parameters())
     return run, state
 
 
@@ -265,6 +267,7 @@ def end_epoch(run: Run, lr: float, train_loss: float, val: dict, epoch_s: float,
         "samples_per_s": samples_per_s,
         "global_step": run.global_step,
         "steps_per_epoch": run.steps_per_epoch,
+        "params": run.params,
         "first_step_time": run.first_step_time,
     }
 

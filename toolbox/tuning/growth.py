@@ -52,8 +52,10 @@ def described(value: Any) -> Any:
 
 
 def spec_of(sweep: Sweep) -> dict[str, Any]:
+    metrics, modes = zip(*sweep.objectives)
+    given = {"metric": list(metrics), "mode": list(modes)} if sweep.multi_objective else {}
     return {
-        **{name: described(getattr(sweep, name)) for name in FIXED},
+        **{name: described(given.get(name, getattr(sweep, name))) for name in FIXED},
         "num_samples": sweep.num_samples,
         "epochs": sweep.epochs,
         "space": described(sweep.space),
@@ -128,6 +130,8 @@ def warm_start(sweep: Sweep, old: Place, old_name: str, record: Record) -> tuple
     ran = Record.read(old)
     if ran is None:
         raise ConfigError(f"--grow-from {old_name}: {old.path} holds no finished sweep (no {RECORD})")
+    if sweep.multi_objective:
+        raise ConfigError(f"--grow-from {old_name}: a multi-objective sweep does not start from another's results")
     if sweep.search != "optuna":
         raise ConfigError(
             f"--grow-from {old_name}: random search draws independent points and has nothing to start from; "
@@ -304,7 +308,7 @@ class Growth:
     def after_requeue(self, controller) -> None:
         trials = controller.get_trials()
         if TRIAL_SCHEDULERS[self.sweep.trial_scheduler].meta.get("replayed"):
-            _replay(controller, trials)
+            _replay(controller, trials, [metric for metric, _ in self.sweep.objectives])
         if not self.record.pending:
             return
         counted = [drawn(self.sweep, t.config) for t in trials if in_space(self.sweep, t.config)]
@@ -323,16 +327,18 @@ def _epochs(trial) -> int:
     return int(trial.last_result.get("training_iteration") or 0)
 
 
-def _replay(controller, trials: list) -> None:
-    """Each restored trial's epochs into the fresh scheduler, so its rungs and medians hold what they held."""
+def _replay(controller, trials: list, metrics: list[str]) -> None:
+    """Each restored trial's epochs (their ``metrics``) into the fresh scheduler, so its rungs and medians hold what they held."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import PopulationBasedTraining
 
-    scheduler, time_attr, metric = controller._scheduler_alg, "training_iteration", controller._metric
+    scheduler, time_attr = controller._scheduler_alg, "training_iteration"
     epochs = {}
     for trial in trials:
         rows = read_rows(trial.path, trial.storage.storage_filesystem) if trial.path else []
-        epochs[trial] = [{time_attr: int(r["epoch"]), metric: r[metric]} for r in rows if r.get(metric) is not None]
+        epochs[trial] = [
+            {time_attr: int(r["epoch"]), **{m: r[m] for m in metrics}} for r in rows if all(r.get(m) is not None for m in metrics)
+        ]
     if isinstance(scheduler, PopulationBasedTraining):
         _restore_population(scheduler, epochs)
         return

@@ -1,4 +1,4 @@
-"""Plots: a sweep's metric per epoch of every trial and LR schedule of the top trials; an LR range test's curve."""
+"""Plots: a sweep's metric per epoch of every trial, LR schedule of the top trials and Pareto front; an LR range test's curve."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from toolbox.training.builders import lr_schedule
 from toolbox.training.epochlog import replace_file
+from toolbox.tuning.pareto import pareto_fronts
 
 if TYPE_CHECKING:
     from toolbox.training.lr_range import Suggestion
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 
 def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
-    """plots/val_metric.png: the metric per epoch of every trial; plots/lr_schedule.png: the top trials' LR."""
+    """plots/val_metric.png: the metric per epoch of every trial; plots/lr_schedule.png: the top trials' LR;
+    plots/pareto.png where the sweep has several objectives."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +67,38 @@ def plot(rows: list[dict], sweep: Sweep, out_dir: Path, top: int = 5) -> None:
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, plots / "lr_schedule.png")
+    if sweep.multi_objective:
+        plot_pareto(rows, sweep, plots)
+
+
+def plot_pareto(rows: list[dict], sweep: Sweep, plots: Path) -> None:
+    """plots/pareto.png: every scored trial by the first two objectives, the front of those two a step line,
+    the sweep's front (over all its objectives) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (x, x_mode), (y, y_mode) = sweep.objectives[:2]
+    scored = [r for r in rows if r["pareto"] is not None]
+    fronts = pareto_fronts([(r[x], r[y]) for r in scored], (x_mode, y_mode))
+    line = sorted((r for r, front in zip(scored, fronts) if front == 1), key=lambda r: r[x])
+    marked = [r for r in scored if r["pareto"] == 1]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([r[x] for r in scored], [r[y] for r in scored], alpha=0.5, label="a trial")
+    # The boundary of what the front dominates: between two members, the one better by x sets y.
+    ax.step([r[x] for r in line], [r[y] for r in line], where="pre" if x_mode == "max" else "post", color="tab:red", lw=2)
+    ax.scatter([r[x] for r in marked], [r[y] for r in marked], color="tab:red", zorder=3, label=f"Pareto front ({len(marked)})")
+    for r in marked:
+        ax.annotate(str(r["trial_id"]).rsplit("_", 1)[-1], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(
+        xlabel=f"{x} ({x_mode})",
+        ylabel=f"{y} ({y_mode})",
+        title=f"{sweep.name}: Pareto front of {len(scored)} trials",
+    )
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, plots / "pareto.png")
 
 
 def plot_confirmation(table: list[dict], sweep: Sweep, plots: Path) -> None:

@@ -20,6 +20,7 @@ from toolbox.training.checkpoint import META_FILE, STATE_FILE
 from toolbox.training.epochlog import read_rows, replace_file
 from toolbox.training.failures import deterministic_cause
 from toolbox.tuning.growth import in_space
+from toolbox.tuning.pareto import pareto_fronts
 from toolbox.tuning.range_tests import BOUNDS_FILE
 from toolbox.tuning.sweepfile import Sweep
 from toolbox.tuning.trial_dirs import TRIAL_DIR
@@ -40,11 +41,16 @@ def trial_rows(
     config where no result carries it; a trial still running or pending when the sweep ended is
     "interrupted", one its scheduler paused (HyperBand) "paused". ``budgets`` holds the epochs of
     trials that a grown sweep left at an earlier budget; the others have the sweep's. A trial that a
-    grown space no longer holds is "outside"."""
+    grown space no longer holds is "outside".
+
+    A multi-objective sweep's trial scores, on each objective, its values at its best epoch by the primary one;
+    its ``pareto`` is its front among the trials scored on all of them (1: none dominates it), and the rows
+    rank by front, then by the primary objective."""
     rows, run_keys = [], set(all_keys())  # a swept key that is no run key (a confirmation's candidate) is its drawn value
     for result in result_grid:
         history = read_rows(result.path, result.filesystem) if result.path else []  # the trial's own epoch table
         best = best_value(history, sweep)
+        at_best = next((row for row in history if row.get(sweep.metric) == best), {})
         epochs = int(history[-1]["epoch"]) if history else 0
         # From the dir name: a PBT trial's last metrics may be those of the trial it exploited.
         match = TRIAL_DIR.search(Path(result.path or "").name)
@@ -73,7 +79,9 @@ def trial_rows(
                 # a swept key the trial's components don't take (sgd's momentum in an adamw trial) stays empty
                 **{key: _plain(config.get(key) if key in run_keys else params.get(key)) for key in swept_keys(sweep)},
                 sweep.metric: best,
-                "best_epoch": next((int(row["epoch"]) for row in history if row.get(sweep.metric) == best), 0),
+                **{metric: _number(at_best.get(metric)) for metric, _ in sweep.objectives[1:]},
+                **({"pareto": None} if sweep.multi_objective else {}),
+                "best_epoch": int(at_best["epoch"]) if at_best else 0,
                 "epochs": epochs,
                 "budget": budget,
                 "time_s": round(sum(row["epoch_s"] for row in history), 1),
@@ -85,16 +93,31 @@ def trial_rows(
                 "history": history,  # for the plots; not a column
             }
         )
+    if sweep.multi_objective:
+        _rank_fronts(rows, sweep)
     sign = -1 if sweep.mode == "max" else 1
     # Trials outside a grown space rank after the spec's own: best.json is the best of what the spec asks.
     rows.sort(
         key=lambda r: (
             r["status"] == "outside",
+            *((r["pareto"] is None, r["pareto"] or 0) if sweep.multi_objective else ()),
             math.isnan(r[sweep.metric]),
             sign * r[sweep.metric] if not math.isnan(r[sweep.metric]) else 0,
         )
     )
     return rows
+
+
+def _rank_fronts(rows: list[dict], sweep: Sweep) -> None:
+    """Each row's ``pareto`` front among the rows inside the space that are scored on every objective."""
+    scored = [r for r in rows if r["status"] != "outside" and not any(math.isnan(r[m]) for m, _ in sweep.objectives)]
+    fronts = pareto_fronts([[r[m] for m, _ in sweep.objectives] for r in scored], [mode for _, mode in sweep.objectives])
+    for row, front in zip(scored, fronts):
+        row["pareto"] = front
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else value
 
 
 def best_value(history: list[dict], sweep: Sweep) -> float:
@@ -204,6 +227,7 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None, lr_bounds:
         "command": retrain_command(config, f"{sweep.name}-best"),
         **({"lr_bounds_from_range_tests": lr_bounds, "range_tests": BOUNDS_FILE} if lr_bounds else {}),
         **({"confirmed": earlier["confirmed"]} if "confirmed" in earlier else {}),  # --confirm's, kept when the sweep grows
+        **(_front(rows, sweep) if sweep.multi_objective else {}),
     }
     replace_file(out_dir / "best.json", json.dumps(summary, indent=2, default=str).encode())
     if mirror is not None:
@@ -213,13 +237,44 @@ def write(rows: list[dict], sweep: Sweep, out_dir: Path, mirror=None, lr_bounds:
 
         plot(rows, sweep, out_dir)
         if mirror is not None:
-            for name in ("plots/val_metric.png", "plots/lr_schedule.png"):
+            plots = ["plots/val_metric.png", "plots/lr_schedule.png"] + (["plots/pareto.png"] if sweep.multi_objective else [])
+            for name in plots:
                 mirror.push(out_dir, name)
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the results
         if is_disk_full(exc):
             raise
         log.warning("plots skipped: %s", exc)
     return summary
+
+
+def _front(rows: list[dict], sweep: Sweep) -> dict:
+    """best.json's objectives and Pareto front: each member's values, config and re-train command."""
+    return {
+        "objectives": [{"metric": metric, "mode": mode} for metric, mode in sweep.objectives],
+        "front": [
+            {
+                "trial_id": r["trial_id"],
+                "values": {metric: r[metric] for metric, _ in sweep.objectives},
+                "best_epoch": r["best_epoch"],
+                "checkpoint": r["checkpoint"],
+                "config": r["config"],
+                "command": retrain_command(r["config"], f"{sweep.name}-{r['trial_id']}"),
+            }
+            for r in rows
+            if r["pareto"] == 1
+        ],
+    }
+
+
+def front_lines(rows: list[dict], sweep: Sweep, limit: int = 10) -> str:
+    """What the console says of a multi-objective sweep's Pareto front: a line, then one per member."""
+    front = [r for r in rows if r["pareto"] == 1]
+    said = ", ".join(f"{metric} {mode}" for metric, mode in sweep.objectives)
+    lines = [f"Pareto front ({said}): {len(front)} of {len(rows)} trials"]
+    lines += [f"  {r['trial_id']}: " + ", ".join(f"{m} {_cell(r[m])}" for m, _ in sweep.objectives) for r in front[:limit]]
+    if len(front) > limit:
+        lines.append(f"  ... {len(front) - limit} more in best.json")
+    return "\n".join(lines)
 
 
 def retrain_command(config: dict, name: str) -> str:
@@ -239,13 +294,14 @@ def format_table(rows: list[dict], sweep: Sweep, limit: int = 20) -> str:
     """The ranked table printed at the end of a sweep."""
     swept = swept_keys(sweep)
     budgets = len({r["budget"] for r in rows}) > 1  # shown where a grown sweep mixes them
-    header = ["rank", "trial", *swept, sweep.metric, "epochs", *(["budget"] if budgets else []), "retries", "time_s", "status"]
+    shown = [metric for metric, _ in sweep.objectives] + (["pareto"] if sweep.multi_objective else [])
+    header = ["rank", "trial", *swept, *shown, "epochs", *(["budget"] if budgets else []), "retries", "time_s", "status"]
     lines = [
         [
             str(i + 1),
             str(r["trial_id"]),
             *(_cell(r.get(k)) for k in swept),
-            _cell(r[sweep.metric]),
+            *(_cell(r[k]) for k in shown),
             str(r["epochs"]),
             *([str(r["budget"])] if budgets else []),
             str(r["retries"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
 from toolbox.config.registry import ConfigError
 from toolbox.data.tensors import DataSpec
@@ -16,12 +17,22 @@ def search_algorithm(sweep: Sweep, max_concurrent: int, start_from: tuple[list[d
     ``start_from``: points already evaluated and their values (``--grow-from``), which Optuna's study starts with."""
     seed = sweep.base.get("seed", 0)
     if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
         points, rewards = start_from
-        searcher = OptunaSearch(seed=seed, points_to_evaluate=list(points) or None, evaluated_rewards=list(rewards) or None)
+        warm = {"seed": seed, "points_to_evaluate": list(points) or None, "evaluated_rewards": list(rewards) or None}
+        if sweep.multi_objective:
+            metrics, modes = zip(*sweep.objectives)
+            searcher = MultiObjectiveOptuna(metric=list(metrics), mode=list(modes), **warm)
+        else:
+            searcher = OptunaSearch(**warm)
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+
+
+class MultiObjectiveOptuna(OptunaSearch):
+    """Optuna's multi-objective study over every objective, while Tune's own metric is the primary one alone."""
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return super().set_search_properties(None, None, config, **spec)
 
 
 def check_pbt_keeps_shapes(sweep: Sweep, spec: DataSpec, where: str) -> None:

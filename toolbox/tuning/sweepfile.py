@@ -8,7 +8,8 @@ A sweep file sets module-level names (every one is optional except ``space``)::
              "lr": tune.loguniform(1e-4, 1e-2),
              "momentum": tune.uniform(0.8, 0.99)}             # only trials whose optimizer takes it get it
     metric, mode, num_samples, epochs = "val_top_1_accuracy", "max", 16, 10   # mode unset: the metric's own
-    trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, pbt, or your own
+    # or several objectives, one mode each: metric, mode = ["val_top_1_accuracy", "params"], ["max", "min"]
+    trial_scheduler = "asha"   # a registered one: fifo, hyperband, median_stopping, moasha, pbt, or your own
     range_test = {"steps": 50} # the ramp of the LR range tests that "lr": "range_test" asks for (see below)
     search = "random"          # random (grid_search values are crossed), optuna
     workers_per_trial, cpus_per_worker, gpus_per_trial = 1, 1, 0
@@ -54,6 +55,8 @@ from toolbox.training.lr_range import RAMP_RULES, Ramp
 from toolbox.tuning.trial_schedulers import TRIAL_SCHEDULERS, trial_scheduler
 
 DEFAULTS = {o.key: o.default for o in TRAINING_OPTIONS}
+COSTS = ("params", "epoch_s")  # what every trial reports of its cost (the model's parameter count, an epoch's seconds)
+Mode = Literal["min", "max"]
 MAX_FUSE = 1024
 RANGE_TEST, LR_KEY = "range_test", "lr"  # "lr": "range_test" in a space: its bounds come from an LR range test
 
@@ -65,8 +68,10 @@ class Sweep:
     space: dict[str, Any]
     name: str = ""
     base: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val_top_1_accuracy"
-    mode: Literal["min", "max"] | None = None  # not set: the metric's own ("min" for losses and errors)
+    # A list: a multi-objective sweep; ``metric`` and ``mode`` then hold its first, the primary, which Tune ranks
+    # by, and ``objectives`` every (metric, mode).
+    metric: str | tuple[str, ...] = "val_top_1_accuracy"
+    mode: Mode | tuple[Mode, ...] | None = None  # not set: the metric's own ("min" for losses, errors and costs)
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 10
     trial_scheduler: str = "asha"  # a name in TRIAL_SCHEDULERS
@@ -85,8 +90,12 @@ class Sweep:
     range_test: dict[str, Any] = field(default_factory=dict)  # the ramp of its LR range tests: start_lr, end_lr, steps
 
     def __post_init__(self) -> None:
-        if self.mode is None:
-            self.mode = mode_of(self.metric)
+        self.objectives = objectives(self.metric, self.mode)
+        self.metric, self.mode = self.objectives[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def total_trials(self) -> int:
@@ -115,6 +124,25 @@ class Sweep:
             return self.trial_config(params)
         except ConfigError:
             return pick_per_component({**self.base, **params, "epochs": self.epochs})
+
+
+def objectives(metric: str | tuple[str, ...], mode: str | tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
+    """The sweep's (metric, mode) pairs; a mode not given is its metric's own."""
+    metrics = list(metric) if isinstance(metric, (list, tuple)) else [metric]
+    modes = list(mode) if isinstance(mode, (list, tuple)) else [None] * len(metrics) if mode is None else [mode]
+    if not metrics or not all(isinstance(m, str) for m in metrics):
+        raise ConfigError(f"metric: expected a metric or a non-empty list of them, got {metric!r}")
+    if len(modes) != len(metrics):
+        raise ConfigError(
+            f"mode: {mode!r} is not one mode per metric of {metric!r}: give {len(metrics)}, or none (each metric's own)"
+        )
+    twice = next((m for m in metrics if metrics.count(m) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"metric: {twice!r} is named twice in {metric!r}")
+    bad = next((m for m in modes if m not in ("min", "max", None)), None)
+    if bad is not None:
+        raise ConfigError(f"mode: {bad!r} is not one of min, max{nearest(str(bad), ['min', 'max'])}")
+    return tuple((m, given or ("min" if m in COSTS else mode_of(m))) for m, given in zip(metrics, modes))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Sweep)}
@@ -201,7 +229,10 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, base_overrid
         values["base"][IMPORTS.key] = user_code.canonical(imports)
         user_code.load(values["base"][IMPORTS.key])  # what they register, before the checks below name it
     values["name"] = check_name(values["name"], f"{path}: name")
-    sweep = Sweep(**values)
+    try:
+        sweep = Sweep(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     check(sweep, str(path))
     return sweep
 
@@ -253,12 +284,13 @@ def check(sweep: Sweep, where: str) -> None:
     for params in candidate_params(sweep.space):
         with _in_trial(where, params):
             metrics.update(sweep.trial_config(params)["metrics"])  # every value meets its rules
-    reported = {"val_loss", "train_loss", "lr"} | {f"val_{m}" for m in metrics}
-    if sweep.metric not in reported:
-        raise ConfigError(
-            f"{where}: metric {sweep.metric!r} is never reported{nearest(sweep.metric, sorted(reported))}; "
-            f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})"
-        )
+    reported = {"val_loss", "train_loss", "lr", *COSTS} | {f"val_{m}" for m in metrics}
+    for metric, _ in sweep.objectives:
+        if metric not in reported:
+            raise ConfigError(
+                f"{where}: metric {metric!r} is never reported{nearest(metric, sorted(reported))}; "
+                f"trials report {', '.join(sorted(reported))} (metrics come from {flag('metrics')})"
+            )
 
 
 def _check_range_test_marks(sweep: Sweep, where: str) -> None:

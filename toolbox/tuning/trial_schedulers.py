@@ -6,6 +6,9 @@ component's. It raises a ``ConfigError`` for a sweep it cannot schedule; it is b
 sweep file is checked, so that happens before Ray starts. One registered with ``replayed=True`` is fed each
 restored trial's epochs again when a sweep is re-run (Tune's restore drops a scheduler's state), to rebuild
 its rungs or medians from them.
+
+In a multi-objective sweep (``metric`` a list), ``moasha`` ranks by every objective; ``asha`` refuses one, and the
+others rank by the primary objective (the first), as Tune does.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def asha(
     """
     from ray.tune.schedulers import ASHAScheduler
 
+    if sweep.multi_objective:
+        raise ConfigError(f"asha ranks by one metric, and this sweep has {len(sweep.objectives)}: use trial_scheduler 'moasha'")
     if grace_period > sweep.epochs:
         raise ConfigError(f"scheduler_options['grace_period'] {grace_period} is more than the {sweep.epochs} epochs a trial runs")
     return ASHAScheduler(
@@ -83,6 +88,8 @@ def median_stopping(
     hard_stop: bool = True,
 ) -> TrialScheduler:
     """Stops a trial whose best result is worse than the median of the others' running averages.
+
+    In a multi-objective sweep it compares the primary objective (the first).
 
     Args:
         grace_period: epochs before a trial can be stopped.
@@ -154,3 +161,25 @@ def _mutation(value: Any) -> Any:
         nested = {k: _mutation(v) for k, v in value.items()}
         return {k: v for k, v in nested.items() if v is not None} or None
     return value if isinstance(value, Domain) else None
+
+
+@TRIAL_SCHEDULERS.register("moasha", replayed=True)
+def moasha(sweep: Sweep, /, *, grace_period: PositiveInt = 1, reduction_factor: ReductionFactor = 3.0) -> TrialScheduler:
+    """Multi-objective asynchronous successive halving: trials dominated at a rung stop there.
+
+    A rung ranks its trials by Pareto fronts over the sweep's objectives, ties in a front broken by
+    crowding distance; a trial outside the top 1 / reduction_factor stops, unless none dominates it.
+
+    Args:
+        grace_period: epochs every trial runs before it can be stopped.
+        reduction_factor: each rung keeps 1 / reduction_factor of the trials, and its whole first front.
+    """
+    from toolbox.tuning.moasha import MultiObjectiveASHA
+
+    if not sweep.multi_objective:
+        raise ConfigError(
+            f"moasha ranks by several objectives, and this sweep has one ({sweep.metric!r}): use trial_scheduler 'asha'"
+        )
+    if grace_period > sweep.epochs:
+        raise ConfigError(f"scheduler_options['grace_period'] {grace_period} is more than the {sweep.epochs} epochs a trial runs")
+    return MultiObjectiveASHA(sweep.objectives, TIME_ATTR, sweep.epochs, grace_period, reduction_factor)
