@@ -226,7 +226,7 @@ SWEEP_FILE = [
     ("num-samples-text", 'space = {"lr": 0.1}\nnum_samples = "3"', "num_samples: expected an integer > 0, got '3'"),
     ("epochs-negative", 'space = {"lr": 0.1}\nepochs = -1', "epochs must be > 0, got -1"),
     ("mode-unknown", 'space = {"lr": 0.1}\nmode = "maximize"', "mode: 'maximize' is not one of min, max"),
-    ("metric-not-text", 'space = {"lr": 0.1}\nmetric = 3', "metric: expected a string, got 3"),
+    ("metric-not-text", 'space = {"lr": 0.1}\nmetric = 3', "metric: expected a metric or a non-empty list of them, got 3"),
     ("cpus-zero", 'space = {"lr": 0.1}\ncpus_per_worker = 0', "cpus_per_worker must be > 0, got 0"),
     ("gpus-nan", 'space = {"lr": 0.1}\ngpus_per_trial = float("nan")', "gpus_per_trial must be a finite number, got nan"),
     ("gpus-negative", 'space = {"lr": 0.1}\ngpus_per_trial = -1', "gpus_per_trial must be >= 0, got -1"),
