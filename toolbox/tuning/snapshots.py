@@ -9,15 +9,20 @@ staging dir (a dir per trial) after each: two costs that grow as the square of t
   snapshot (a driver killed in between) holds what the snapshot lacks.
 - An upload copies the staging dir's own files that changed, and looks only into the dirs of the
   trials that changed since the last upload (Tune writes a trial's error files there).
+- The searcher's state travels inside the snapshot too, and a restore takes it from there: its own
+  file, uploaded apart, can be a snapshot older or newer than the experiment state when the driver
+  was killed mid-upload, and a searcher that counts a finished trial as live waits for it forever.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -27,6 +32,8 @@ import pyarrow.fs
 log = logging.getLogger("toolbox")
 FINISHED_DIR = "finished_trials"
 NEWEST_BATCH = "toolbox_finished_upto"  # the experiment state's key: the newest batch written before it
+SEARCHER_FILES = "toolbox_searcher_files"  # the experiment state's key: the searcher's files of the same step
+SEARCHER_PATTERNS = ("basic-variant-state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 FINAL = ("TERMINATED", "ERROR")
 _sealed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> {trial id: status last written in a batch}
 _next_batch: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> the number of its next batch
@@ -55,11 +62,13 @@ def save(controller) -> None:
         for trial in changed:  # a trial written in a batch leaves the snapshots until it changes status
             if sealed.get(trial.trial_id) == trial.status:
                 data.pop(trial.trial_id, None)
+        searcher = _searcher_files(controller)
         state = {
             "trial_data": list(data.values()),
             "runner_data": controller.__getstate__(),
             "stats": {"start_time": controller._start_time},
             NEWEST_BATCH: _next_batch[controller] - 1,
+            SEARCHER_FILES: {name: base64.b64encode(content).decode() for name, content in searcher.items()},
         }
         staging = Path(storage.experiment_driver_staging_path)
         staging.mkdir(parents=True, exist_ok=True)
@@ -68,11 +77,41 @@ def save(controller) -> None:
                 t.storage.trial_dir_name for t in changed if t.storage.trial_dir_name
             )
         (staging / controller.experiment_state_file_name).write_text(json.dumps(state, cls=TuneFunctionEncoder))
-        controller._search_alg.save_to_dir(str(staging), session_str=controller._session_str)
+        for name, content in searcher.items():
+            (staging / name).write_bytes(content)
         controller._callbacks.save_to_dir(str(staging), session_str=controller._session_str)
     except BaseException:
         controller._trials_to_cache |= changed  # a failed snapshot is taken again at the next step
         raise
+
+
+def _searcher_files(controller) -> dict[str, bytes]:
+    """The files the controller's searcher saves its state in, by name."""
+    with tempfile.TemporaryDirectory(prefix="toolbox-searcher-") as scratch:
+        controller._search_alg.save_to_dir(scratch, session_str=controller._session_str)
+        return {path.name: path.read_bytes() for path in Path(scratch).iterdir() if path.is_file()}
+
+
+def restore_searcher_with_snapshot(controller, state: dict) -> None:
+    """Have the restore of ``controller`` read its searcher from the files saved in the snapshot ``state``: they are
+    put in the staging dir once Tune has downloaded the sweep dir there, in place of the searcher files it holds."""
+    saved = state.get(SEARCHER_FILES)
+    if saved is None:  # a snapshot from before the searcher's state travelled in it
+        return
+    manager = controller._checkpoint_manager
+    sync_down = manager.sync_down_experiment_state
+
+    def sync_down_then_put_back(*args, **kwargs):
+        manager.sync_down_experiment_state = sync_down
+        synced = sync_down(*args, **kwargs)
+        staging = Path(controller._storage.experiment_driver_staging_path)
+        for stale in (path for pattern in SEARCHER_PATTERNS for path in staging.glob(pattern)):
+            stale.unlink()
+        for name, content in saved.items():
+            (staging / name).write_bytes(base64.b64decode(content))
+        return synced
+
+    manager.sync_down_experiment_state = sync_down_then_put_back
 
 
 def upload_command(fs: pyarrow.fs.FileSystem, staging: str, fs_path: str):

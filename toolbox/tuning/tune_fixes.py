@@ -111,6 +111,7 @@ def restore_finished_trials() -> None:
     def _restore_trials(self, experiment_state):
         storage = self._storage
         sealed = snapshots.merge(experiment_state, storage.storage_filesystem, storage.experiment_fs_path)
+        snapshots.restore_searcher_with_snapshot(self, experiment_state)
         trials = restore(self, experiment_state)
         snapshots.restored(self, sealed)  # after Tune's restore, which moves the staging dir back to the first run's
         return trials
