@@ -1,6 +1,7 @@
-"""MNIST: the architecture (FFNN or ConvNet, and its size) swept with the optimizer and lr, with ASHA.
+"""MNIST: the architecture (FFNN or ConvNet, and its size) swept with the optimizer and lr, for accuracy against size.
 
-`python -m toolbox.sweep sweeps/arch.py`. Size keys are per model: a ConvNet trial never sees ff_hidden_sizes.
+`python -m toolbox.sweep sweeps/arch.py`: two objectives, MO-ASHA, and the Pareto front in the results.
+Size keys are per model: a ConvNet trial never sees ff_hidden_sizes.
 """
 
 from ray import tune
@@ -22,9 +23,9 @@ space = {
     "lr": {"adamw": tune.loguniform(5e-4, 3e-3), "sgd": tune.loguniform(1e-2, 1e-1)},
     "momentum": tune.uniform(0.85, 0.95),  # sgd only
 }
-metric = "val_top_1_accuracy"
-mode = "max"
+metric = ["val_top_1_accuracy", "params"]  # the most accurate model, and the smallest
+mode = ["max", "min"]
 num_samples = 12
 epochs = 5
-trial_scheduler = "asha"
+trial_scheduler = "moasha"
 scheduler_options = {"grace_period": 1, "reduction_factor": 3}

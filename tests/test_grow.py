@@ -4,6 +4,7 @@ Each grow is killed mid-way (the driver SIGKILLed) and re-run: nothing is lost a
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from test_reliability import Cli, assert_every_epoch_once, trial_dirs
 
 from toolbox.distributed.dirkind import KIND_FILE, SWEEP
 from toolbox.tuning.growth import RECORD, spec_of
+from toolbox.tuning.snapshots import NEWEST_BATCH, SEARCHER_FILES
 from toolbox.tuning.sweepfile import load
 
 GROW = """\
@@ -55,12 +57,26 @@ def killed_mid_way(args: list[str], after: str) -> None:
 
 
 def searcher_counting_every_trial_live(exp_dir: Path) -> None:
-    """The sweep dir's newest searcher file made one that counts every trial it drew as live, as a driver killed between
-    uploading a snapshot's experiment state and its searcher's file can leave it: that searcher waited forever."""
+    """The sweep dir's newest snapshot made one taken before any trial ended, its searcher counting every trial drawn
+    as live, as a driver killed between a trial's end and the upload of the next snapshot can leave it (its searcher,
+    told of no end, waited forever). The searcher's own file says the same."""
+
+    drawn = {"_".join(trial.name.split("_")[2:4]) for trial in trial_dirs(exp_dir)}  # run_trial_<prefix>_<number>_...
+
+    def every_trial_live(searcher: bytes) -> bytes:
+        state = pickle.loads(searcher)
+        state["_live_trials"] = drawn
+        return cloudpickle.dumps(state)  # as Tune writes it: the spec inside holds local functions
+
     path = max(exp_dir.glob("basic-variant-state-*.json"))
-    state = pickle.loads(path.read_bytes())
-    state["_live_trials"] = {f"{state['_uuid_prefix']}{number:05d}" for number in range(state["_total_samples"])}
-    path.write_bytes(cloudpickle.dumps(state))  # as Tune writes it: the spec inside holds local functions
+    path.write_bytes(every_trial_live(path.read_bytes()))
+    snapshot_path = max(exp_dir.glob("experiment_state-*.json"))
+    snapshot = json.loads(snapshot_path.read_text())
+    snapshot[NEWEST_BATCH] = -1
+    files = snapshot[SEARCHER_FILES]
+    for name, content in files.items():
+        files[name] = base64.b64encode(every_trial_live(base64.b64decode(content))).decode()
+    snapshot_path.write_text(json.dumps(snapshot))
 
 
 def epochs_files(exp_dir: Path) -> dict[str, bytes]:

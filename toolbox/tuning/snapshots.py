@@ -33,10 +33,12 @@ log = logging.getLogger("toolbox")
 FINISHED_DIR = "finished_trials"
 NEWEST_BATCH = "toolbox_finished_upto"  # the experiment state's key: the newest batch written before it
 SEARCHER_FILES = "toolbox_searcher_files"  # the experiment state's key: the searcher's files of the same step
+FINISHED_AFTER = "toolbox_finished_after"  # merge's note in a state it read: trials of batches newer than the snapshot
 SEARCHER_PATTERNS = ("basic-variant-state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 FINAL = ("TERMINATED", "ERROR")
 _sealed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> {trial id: status last written in a batch}
 _next_batch: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> the number of its next batch
+_finished_after: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> trials that ended after its snapshot
 _changed_dirs: dict[str, set[str]] = {}  # staging dir -> its trial dirs that changed since its last upload
 _uploaded: dict[str, dict[str, bytes]] = {}  # staging dir -> each file's digest when last uploaded
 _changed_lock = threading.Lock()  # the controller adds to _changed_dirs while an upload thread takes from it
@@ -147,7 +149,8 @@ def _upload_changed(staging: str, fs: pyarrow.fs.FileSystem, fs_path: str, trial
 
 def merge(state: dict, fs: pyarrow.fs.FileSystem, path: str) -> dict:
     """The experiment state ``state`` with the finished trials of ``finished_trials/`` put back; returns the
-    ids and statuses of the trials that came from a batch."""
+    ids and statuses of the trials that came from a batch. ``state[FINISHED_AFTER]`` lists those of a batch newer
+    than the snapshot: they finished after it."""
     upto = state.get(NEWEST_BATCH, -1)
     from_batch: dict[str, tuple[int, list]] = {}
     for batch, entries in _batches(fs, path):
@@ -160,13 +163,16 @@ def merge(state: dict, fs: pyarrow.fs.FileSystem, path: str) -> dict:
             newest[trial_id] = entry
             from_batch.pop(trial_id, None)
     state["trial_data"] = [newest[trial_id] for trial_id in sorted(newest)]
+    state[FINISHED_AFTER] = [trial_id for trial_id, (batch, _) in from_batch.items() if batch > upto]
     return {trial_id: json.loads(entry[0])["status"] for trial_id, (_, entry) in from_batch.items()}
 
 
-def restored(controller, sealed: dict) -> None:
+def restored(controller, sealed: dict, finished_after: list[str]) -> None:
     """The trials a restored ``controller`` read from batches: they are not written again while they stay as they
-    were. The sweep dir's logs (PBT's ``pbt_global.txt``) come back to the staging dir, where Tune appends to them."""
+    were, and those that ``finished_after`` its snapshot are told to its searcher once Tune has restored that. The
+    sweep dir's logs (PBT's ``pbt_global.txt``) come back to the staging dir, where Tune appends to them."""
     _sealed[controller] = dict(sealed)
+    _finished_after[controller] = set(finished_after)
     storage = controller._storage
     fs, staging = storage.storage_filesystem, Path(storage.experiment_driver_staging_path)
     staging.mkdir(parents=True, exist_ok=True)
@@ -174,6 +180,18 @@ def restored(controller, sealed: dict) -> None:
         if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".txt"):
             with fs.open_input_stream(info.path) as source:
                 (staging / info.base_name).write_bytes(source.readall())
+
+
+def tell_searcher_of_later_ends(controller, trials: list) -> None:
+    """Tell the restored searcher, which is the snapshot's, of the restored trials that ended after that snapshot, as Tune
+    tells it when a trial ends: else it counts them as live, and a searcher at its concurrency waits for them forever."""
+    from ray.tune.utils import flatten_dict
+
+    ended_after = _finished_after.pop(controller, set())
+    for trial in trials:
+        if trial.trial_id in ended_after and trial.status in FINAL:
+            result = flatten_dict(trial.last_result) if trial.last_result else None
+            controller._search_alg.on_trial_complete(trial.trial_id, result=result, error=trial.status == "ERROR")
 
 
 def saved_trials(fs: pyarrow.fs.FileSystem, path: str, state_file: str | None = None) -> list:

@@ -113,11 +113,19 @@ def restore_finished_trials() -> None:
         sealed = snapshots.merge(experiment_state, storage.storage_filesystem, storage.experiment_fs_path)
         snapshots.restore_searcher_with_snapshot(self, experiment_state)
         trials = restore(self, experiment_state)
-        snapshots.restored(self, sealed)  # after Tune's restore, which moves the staging dir back to the first run's
+        # After Tune's restore, which moves the staging dir back to the first run's.
+        snapshots.restored(self, sealed, experiment_state[snapshots.FINISHED_AFTER])
         return trials
+
+    requeue = TuneController._requeue_restored_trials
+
+    def _requeue_restored_trials(self, trials, resume_config):  # Tune has restored the searcher by now
+        snapshots.tell_searcher_of_later_ends(self, trials)
+        return requeue(self, trials, resume_config)
 
     _restore_trials.toolbox_merges = True
     TuneController._restore_trials = _restore_trials
+    TuneController._requeue_restored_trials = _requeue_restored_trials
 
 
 def read_finished_trials() -> None:
