@@ -150,6 +150,10 @@ def test_confirm_retrains_the_best_over_new_seeds_survives_a_driver_kill_and_out
     assert sorted((r["candidate"], r["seed"]) for r in trained) == sorted(
         (t, s) for t in {r["trial_id"] for r in table} for s in (2, 3, 4)
     )
+    lrs = {r["trial_id"]: r["lr"] for r in ranked}
+    for run in trained:  # each run's config as it trained: its candidate's values, its own seed
+        config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+        assert (config["lr"], config["seed"]) == (lrs[run["candidate"]], run["seed"]), (run["candidate"], config)
     best = json.loads((exp_dir / "best.json").read_text())
     assert (
         best["confirmed"]["trial_id"] == table[0]["trial_id"]

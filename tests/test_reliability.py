@@ -138,15 +138,15 @@ def first_epoch(cli: Cli, epochs: int = EPOCHS) -> int:
 
 
 def fill(disk: Path) -> Path:
-    """Fill the disk to the last byte; returns the filler to delete."""
+    """Fill the disk to the last byte; returns the filler to delete (absent where the disk was full already)."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
+    try:
+        with open(filler, "wb") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
     return filler
 
 
@@ -176,7 +176,7 @@ def test_ctrl_c_a_full_disk_a_killed_worker_and_a_killed_driver_each_leave_a_run
     assert "the disk is full" in out.strip().splitlines()[-1] and "Traceback" not in out, out[-3000:]
     for state in run_dir.rglob("state.pt"):
         torch.load(state, weights_only=True)
-    filler.unlink()
+    filler.unlink(missing_ok=True)
 
     cli = Cli("run", *args)  # a worker SIGKILLed mid-epoch: the group restarts from the latest checkpoint
     first_epoch(cli)

@@ -40,11 +40,8 @@ class Confirmation(Sweep):
 
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id -> its drawn values, best first
 
-    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
+    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:  # Sweep.shown_config goes through it too
         return super().trial_config(self._values(params))
-
-    def shown_config(self, params: dict[str, Any]) -> dict[str, Any]:
-        return super().shown_config(self._values(params))
 
     def _values(self, params: dict[str, Any]) -> dict[str, Any]:
         chosen = self.candidates.get((params or {}).get("candidate"), {})
