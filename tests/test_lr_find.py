@@ -25,7 +25,8 @@ from toolbox.training.lr_range import Curve, Ramp, suggest
 from toolbox.training.phases import training_batches
 from toolbox.training.range_test import range_test
 from toolbox.training.session import local_session
-from toolbox.tuning.range_tests import BOUNDS_FILE, TESTS_DIR
+from toolbox.tuning import sweepfile
+from toolbox.tuning.range_tests import BOUNDS_FILE, TESTS_DIR, range_test_config
 
 # One linear layer: with mse_loss, its loss is a quadratic whose curvature the data decides.
 LINEAR_MODEL = '''\
@@ -226,6 +227,15 @@ def assert_every_trial_inside_its_optimizers_bounds(exp_dir: Path, bounds: dict,
     for row in rows:
         low, high = bounds[row["optimizer"]]
         assert low <= row["lr"] <= high, (row["optimizer"], row["lr"], low, high)
+
+
+def test_a_sweeps_range_test_steps_on_a_whole_trials_batch_as_its_ddp_workers_do_together(tmp_path):
+    path = tmp_path / "ranged_ddp.py"
+    path.write_text(RANGE_TEST_SWEEP + "workers_per_trial = 2\n")
+    config = range_test_config(sweepfile.load(path), "sgd")
+    assert config["optimizer"] == "sgd" and config["batch_size"] == 2 * 16, config
+    path.write_text(RANGE_TEST_SWEEP)
+    assert range_test_config(sweepfile.load(path), "sgd")["batch_size"] == 16
 
 
 @pytest.mark.timeout(900)

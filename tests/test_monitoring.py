@@ -192,4 +192,7 @@ def test_tensorboard_reads_the_scalars_and_hparams_of_every_trial(tmp_path):
         assert start.hparams["optimizer"].string_value == config["optimizer"]
         assert start.hparams["lr"].number_value == pytest.approx(config["lr"])
         experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-        assert "val_top_1_accuracy" in {m.name.tag for m in experiment.metric_infos}
+        # Every objective a sweep may rank by has its column: the metrics, the model's size and an epoch's time.
+        assert {"val_top_1_accuracy", "val_loss", "train_loss", "params", "epoch_s"} <= {
+            m.name.tag for m in experiment.metric_infos
+        }

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from ray.train._internal.storage import StorageContext
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from toolbox.config.registry import ConfigError
 from toolbox.tuning.moasha import MultiObjectiveASHA
 from toolbox.tuning.pareto import crowding_distances, dominates, pareto_fronts, pareto_order
 
@@ -100,6 +102,38 @@ def test_moasha_rebuilds_its_rungs_from_replayed_epochs():
     scheduler.on_trial_complete(None, trial("big"), {"training_iteration": 2, "val_top_1_accuracy": 85.0, "params": 1000})
     assert scheduler.rungs[1] == {"big": [80.0, 1000]} and scheduler.rungs[2] == {"big": [85.0, 1000]}
     assert report(scheduler, "worse", 2, 70.0, 2000) == TrialScheduler.STOP
+
+
+MEDIAN_SWEEP = """\
+from ray import tune
+base = {"dataset": "DummyDataset", "dummy_input_shape": (8,)}
+space = {"lr": tune.loguniform(1e-4, 1e-2)}
+metric, mode, trial_scheduler = ["val_top_1_accuracy", "params"], ["max", "min"], "median_stopping"
+"""
+
+
+@pytest.mark.parametrize(("objective", "large_trial"), [("params", TrialScheduler.STOP), ("", TrialScheduler.CONTINUE)])
+def test_median_stopping_compares_the_objective_it_is_given_even_after_tune_passes_it_the_primary(
+    tmp_path, objective, large_trial
+):
+    from toolbox.tuning.sweepfile import load
+    from toolbox.tuning.trial_schedulers import trial_scheduler
+
+    path = tmp_path / "mo_median.py"
+    path.write_text(MEDIAN_SWEEP + f"scheduler_options = {{'objective': {objective!r}, 'min_samples_required': 2}}\n")
+    sweep = load(path)
+    scheduler = trial_scheduler(sweep)
+    assert scheduler.set_search_properties(sweep.metric, sweep.mode), "Tune refuses a scheduler that says False"
+    for finished, accuracy, params in ((trial("small"), 60.0, 100), (trial("mid"), 70.0, 200)):
+        for epoch in (1, 2):
+            result = {"training_iteration": epoch, "val_top_1_accuracy": accuracy, "params": params}
+            scheduler.on_trial_complete(None, finished, result)
+    # The most accurate trial, and the largest: the median of params stops it, that of accuracy does not.
+    assert report(scheduler, "large", 1, 95.0, 1000) == large_trial
+
+    path.write_text(MEDIAN_SWEEP + "scheduler_options = {'objective': 'epoch_s'}\n")
+    with pytest.raises(ConfigError, match="'epoch_s' is not one of the sweep's metrics: val_top_1_accuracy, params"):
+        load(path)
 
 
 def test_optuna_searches_every_objective_while_tune_ranks_by_the_primary(tmp_path):

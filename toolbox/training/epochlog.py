@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 LOG_FILE, CSV_FILE, PARQUET_FILE = "training.log", "epochs.csv", "epochs.parquet"
 # Reported keys that are bookkeeping rather than epoch-table columns.
 HIDDEN = ("first_step_time", "checkpoint_path")
+MEASURES = ("train_loss", "epoch_s", "samples_per_s", "params")  # besides val_*: TensorBoard's HParams columns
 _LOGGED_EPOCH = re.compile(r"^\S+ \S+ epoch (\d+)(?:/\d+)?  lr ", re.MULTILINE)
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class EpochLog:
         from torch.utils.tensorboard.summary import hparams
 
         shown = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.hparams.items() if v is not None}
-        measured = {k: 0.0 for k in row if k.startswith("val_") or k == "train_loss"}
+        measured = {k: 0.0 for k in row if k.startswith("val_") or k in MEASURES}
         for summary in hparams(shown, measured):
             self._board.file_writer.add_summary(summary)
 

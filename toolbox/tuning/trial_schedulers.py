@@ -7,8 +7,9 @@ sweep file is checked, so that happens before Ray starts. One registered with ``
 restored trial's epochs again when a sweep is re-run (Tune's restore drops a scheduler's state), to rebuild
 its rungs or medians from them.
 
-In a multi-objective sweep (``metric`` a list), ``moasha`` ranks by every objective; ``asha`` refuses one, and the
-others rank by the primary objective (the first), as Tune does.
+In a multi-objective sweep (``metric`` a list), ``moasha`` ranks by every objective; ``asha`` refuses one,
+``median_stopping`` compares the objective its ``objective`` option names, and the others rank by the primary
+objective (the first), as Tune does.
 """
 
 from __future__ import annotations
@@ -86,21 +87,31 @@ def median_stopping(
     min_samples_required: PositiveInt = 3,
     min_time_slice: NonNegativeFloat = 0.0,
     hard_stop: bool = True,
+    objective: str = "",
 ) -> TrialScheduler:
     """Stops a trial whose best result is worse than the median of the others' running averages.
-
-    In a multi-objective sweep it compares the primary objective (the first).
 
     Args:
         grace_period: epochs before a trial can be stopped.
         min_samples_required: trials to compare with before stopping any.
         min_time_slice: epochs a trial runs at least each time it runs.
         hard_stop: stop the trial (else pause it).
+        objective: the objective compared, one of a multi-objective sweep's metrics (default: the first).
     """
     from ray.tune.schedulers import MedianStoppingRule
 
-    return MedianStoppingRule(
+    modes = dict(sweep.objectives)
+    if objective and objective not in modes:
+        raise ConfigError(f"scheduler_options['objective'] {objective!r} is not one of the sweep's metrics: {', '.join(modes)}")
+
+    class MedianOnOneObjective(MedianStoppingRule):
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return True  # Tune passes every scheduler the primary objective: this one keeps its own
+
+    return MedianOnOneObjective(
         time_attr=TIME_ATTR,
+        metric=objective or sweep.metric,
+        mode=modes[objective or sweep.metric],
         grace_period=grace_period,
         min_samples_required=min_samples_required,
         min_time_slice=min_time_slice,
