@@ -15,7 +15,7 @@ base = {
 }
 space = {
     "arch": tune.choice(["FeedForwardNeuralNetwork", "ConvNet"]),
-    "ff_hidden_sizes": tune.choice([(256,), (512, 512)]),  # FFNN trials only
+    "ff_hidden_sizes": tune.choice([(32,), (128,), (512, 512)]),  # FFNN trials only
     "ff_dropout": tune.uniform(0.0, 0.2),
     "cnn_channels": tune.choice([(8, 16), (16, 32)]),  # ConvNet trials only
     "cnn_dropout": tune.uniform(0.1, 0.4),
