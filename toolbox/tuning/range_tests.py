@@ -1,9 +1,9 @@
 """A sweep's LR range tests, asked for by ``"lr": "range_test"`` in its space (plain, or per optimizer).
 
 Before the trials start, one range test per optimizer that needs one runs as a Ray task, all of them
-started together, each in one process with one trial's CPUs: the sweep's base with that optimizer, every other
-space key at its first value, a trial's batch (its workers' batches together), the ramp of the sweep's ``range_test``
-options.
+started together, each in one process with one trial worker's resources (any node that fits a worker fits it): the
+sweep's base with that optimizer, every other space key at its first value, a trial's batch (its workers' batches
+together), the ramp of the sweep's ``range_test`` options.
 Each test's suggested range becomes its optimizer's ``tune.loguniform(low, high)``. The sweep dir keeps
 each test's outputs in ``range_tests/<optimizer>/`` and the bounds in ``range_tests.json``: a re-run or a
 grown sweep reuses them; ``--restart``, which empties the dir, tests again.
@@ -74,7 +74,7 @@ def _run_tests(sweep: Sweep, exp: Place, data_ref: Any, optimizers: list[str]) -
     from toolbox.distributed.trainer import range_test_process
 
     ramp, settings = sweep.ramp, range_test_settings(sweep.ramp, Curve())
-    worker = Workers(1, sweep.cpus_per_worker * sweep.workers_per_trial, sweep.gpus_per_trial / sweep.workers_per_trial)
+    worker = Workers(1, sweep.cpus_per_worker, sweep.gpus_per_trial / sweep.workers_per_trial)
     task = ray.remote(range_test_process).options(num_cpus=worker.cpus, num_gpus=worker.gpus, max_retries=0)
     log.info(
         "lr range tests of %s, started together: lr %.0e .. %.0e over at most %d steps -> %s/%s",
