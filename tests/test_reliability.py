@@ -321,7 +321,7 @@ def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
     done = sweep(str(path), "--storage", str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     summary, *causes = done.stderr.strip().splitlines()[-3:]
-    assert "2 of 3 trials errored" in summary
+    assert "2 of 3 trials errored (2 not retried, as a retry would fail the same way);" in summary, summary
     # why, not only how many; and the values of the trial
     assert any("lr=0.002" in c and "ConfigError: --weight-decay must be >= 0, got -1" in c for c in causes), causes
     assert any("lr=0.003" in c and "ConfigError: --batch-size: expected an integer > 0, got '32'" in c for c in causes), causes
@@ -338,6 +338,25 @@ def test_a_sweep_whose_trials_error_exits_1_and_says_how_many(tmp_path):
 
 def assert_no_ray_dump(out: str) -> None:
     assert "SIGTERM received" not in out and "PC: @" not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_the_errored_sweeps_summary_counts_the_crashed_trials_apart_from_those_not_retried(tmp_path, capsys):
+    from toolbox.tuning import outcome, sweepfile
+    from toolbox.tuning.results import NOT_RETRIED
+
+    path = tmp_path / "three.py"
+    path.write_text(
+        'from ray import tune\nbase = {"dummy_input_shape": (8,)}\nspace = {"lr": tune.grid_search([0.1, 0.2, 0.3])}\nnum_samples = 1\n'
+    )
+    sweep = sweepfile.load(path)
+    errors = [None, "RuntimeError: the node went away", f"ConfigError: --lr must be > 0, got -1 {NOT_RETRIED}"]
+    rows = [
+        {"trial_id": f"t{i}", "status": "done" if error is None else "error", "error": error, "lr": lr}
+        for i, (error, lr) in enumerate(zip(errors, (0.1, 0.2, 0.3)))
+    ]
+    assert outcome.said(rows, sweep, tmp_path) == 1
+    summary = capsys.readouterr().err.splitlines()[0]
+    assert "2 of 3 trials errored (1 crashed on each of 3 tries; 1 not retried, as a retry would fail the same way);" in summary
 
 
 @pytest.mark.timeout(300)

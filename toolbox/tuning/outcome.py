@@ -26,9 +26,14 @@ def said(rows: list[dict], sweep: Sweep, exp_dir: Path) -> int:
         return code
     errored = [r for r in rows if r["status"] == "error"]
     if errored:
+        repeating = sum(results.NOT_RETRIED in (r["error"] or "") for r in errored)
+        kinds = {
+            f"{len(errored) - repeating} crashed on each of {sweep.max_failures + 1} tries": len(errored) > repeating,
+            f"{repeating} not retried, as a retry would fail the same way": repeating > 0,
+        }
         print(
-            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored: a crash after {sweep.max_failures} retries, "
-            f"a failure that a retry would repeat at once (their error.txt is in {exp_dir}/<trial>/); the results hold the others",
+            f"toolbox.sweep: {len(errored)} of {len(rows)} trials errored ({'; '.join(k for k, said in kinds.items() if said)}); "
+            f"their error.txt is in {exp_dir}/<trial>/; the results hold the others",
             file=sys.stderr,
         )
         for row in errored[:5]:

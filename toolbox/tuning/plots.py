@@ -96,16 +96,19 @@ def plot_pareto(rows: list[dict], sweep: Sweep, plots: Path) -> None:
         ylabel=f"{y} ({y_mode})",
         title=f"{sweep.name}: Pareto front of {len(scored)} trials",
     )
+    for values, set_scale in (([r[x] for r in scored], ax.set_xscale), ([r[y] for r in scored], ax.set_yscale)):
+        if values and min(values) > 0 and max(values) >= 10 * min(values):
+            set_scale("log")  # model sizes and times span orders of magnitude
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, plots / "pareto.png")
 
 
 def plot_confirmation(table: list[dict], sweep: Sweep, plots: Path) -> None:
+    """plots/confirm.png: each configuration's value per seed, and its mean with its 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
-    """plots/confirm.png: each configuration's value per seed, and its mean with its 95 % interval."""
     import matplotlib.pyplot as plt
 
     plots.mkdir(exist_ok=True)

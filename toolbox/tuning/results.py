@@ -139,13 +139,16 @@ def saved_trials(exp) -> dict:
     return {t.trial_id: t for t in trials}
 
 
+NOT_RETRIED = "(not retried: a retry would fail the same way)"  # ends the error of a trial that failed deterministically
+
+
 def error_line(error: BaseException | None) -> str | None:
     """What a trial's last failure says, in one line: the traceback's last line (its exception)."""
     if error is None:
         return None
     deterministic = deterministic_cause(error)
     if deterministic is not None:
-        return f"{deterministic} (not retried: a retry would fail the same way)"[:400]
+        return f"{deterministic} {NOT_RETRIED}"[:400]
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 
