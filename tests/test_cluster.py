@@ -86,20 +86,21 @@ def test_a_run_on_the_local_ray_starts_no_process_that_only_takes_cpu_from_train
     idle_helpers = {"DatasetManager", "PreemptionWatcher", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}
     assert not idle_helpers & set(seen["actors"]), seen["actors"]
     assert {"raylet", "gcs_server"} <= set(seen["processes"]), seen
-    assert "log_monitor" not in seen["processes"], seen["processes"]
+    assert "log_monitor" not in seen["processes"] and "monitor" not in seen["processes"], seen["processes"]
     assert seen["versions"] == [{"ray": [ray.__version__, "str"], "torch": [str(torch.__version__), "str"]}], seen["versions"]
     assert not seen["state_has_torch"], "Train's state actor imported torch to read torch's version"
 
 
 VERBOSE_SESSION = """
-import json, logging, sys
+import json, logging, os, sys
 from toolbox.distributed import cluster
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 cluster.start(None, job_name="toolbox.run kept", num_cpus=1, dashboard=False, verbose=True)
 import ray
 session = ray._private.worker._global_node.get_session_dir_path()
+processes = sorted(ray._private.worker._global_node.all_processes)
 cluster.stop()
-print(json.dumps({"session": session}))
+print(json.dumps({"session": session, "processes": processes, "tracking": os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"]}))
 """
 
 
@@ -110,7 +111,10 @@ def test_verbose_keeps_the_session_dir_of_the_local_ray_and_says_where(tmp_path)
         [sys.executable, "-c", VERBOSE_SESSION], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=200
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    session = Path(json.loads(proc.stdout.strip().splitlines()[-1])["session"])
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    session = Path(seen["session"])
+    # Without a dashboard to show them, Train runs keep no state actor; no private Ray runs the autoscaler's monitor.
+    assert seen["tracking"] == "0" and "monitor" not in seen["processes"] and "log_monitor" in seen["processes"], seen
     try:
         assert session.is_dir() and (session / "logs").is_dir(), session
         assert f"Ray's logs are kept in {session}" in proc.stdout, proc.stdout[-3000:]

@@ -30,7 +30,7 @@ from toolbox.training.epochlog import read_rows
 RAY = str(Path(sys.executable).with_name("ray"))
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 STARTED_ON = re.compile(r"trial started on node ([0-9a-f]+):")
-# Ray's single-machine mode: every node gets IP 127.0.0.1 and binds its servers there (RAY-NOTES 12). In its
+# Ray's single-machine mode: every node gets IP 127.0.0.1 and binds its servers there. In its
 # default (cluster) mode Ray rewrites 127.0.0.1 to the host's IP, in --address too, and listens on all interfaces.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -92,8 +92,8 @@ class Cluster:
             **os.environ,
             **LOOPBACK,
             "RAY_AUTH_MODE": "token",
-            "RAY_TMPDIR": str(root),  # its ray_current_cluster here, not in the host's /tmp/ray (RAY-NOTES 1)
-            "DASHBOARD_METRIC_PORT": str(free_port()),  # Ray's fixed defaults may be another Ray's (RAY-NOTES 12)
+            "RAY_TMPDIR": str(root),  # its ray_current_cluster here, not in the host's /tmp/ray, where other Rays' are
+            "DASHBOARD_METRIC_PORT": str(free_port()),  # Ray's fixed defaults may be another Ray's
             "AUTOSCALER_METRIC_PORT": str(free_port()),
             "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # `python` of jobs
@@ -175,7 +175,7 @@ class Cluster:
         return names
 
     def api(self, path: str):
-        """GET the head's dashboard, with the token (every /api/* needs it: RAY-NOTES 6)."""
+        """GET the head's dashboard, with the token (with token auth on, every /api/* needs it)."""
         request = urllib.request.Request(
             self.dashboard + path, headers={"Authorization": f"Bearer {TOKEN_FILE.read_text().strip()}"}
         )

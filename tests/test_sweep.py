@@ -174,6 +174,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, space,
     lines = [line for line in proc.stdout.splitlines() if re.match(r"\[\d+/6\] trial ", line)]
     numbers = [int(re.match(r"\[(\d+)/", line).group(1)) for line in lines]
     assert numbers == list(range(7 - len(numbers), 7)) and numbers[0] > 1, proc.stdout[-3000:]
+    assert f"{numbers[0] - 1} of 6 trials had finished before this run" in proc.stdout, proc.stdout[-3000:]
     best = {r["trial_id"]: r["val_top_1_accuracy"] for r in rows}
     for line in lines:
         trial_id, shown = re.search(r"trial (\S+) .* best val_top_1_accuracy (\S+) ", line).groups()

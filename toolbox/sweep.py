@@ -361,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ended(how: str, args: argparse.Namespace | None) -> str:
     """The last line of a sweep that was interrupted, or lost its Ray, before its table."""
-    kept = f"{args.exp.path} keeps what finished" if getattr(args, "exp", None) else "nothing had started"
+    kept = (
+        f"{args.exp.path} keeps every finished trial and every trial's checkpoints"
+        if getattr(args, "exp", None)
+        else "nothing had started"
+    )
     return f"toolbox.sweep: {how}: {kept}; re-run the same command to continue"
 
 

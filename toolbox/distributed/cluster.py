@@ -1,4 +1,4 @@
-"""Starting (or joining) Ray the way that works here; see ../shared/RAY-NOTES.md for the traps."""
+"""Starting (or joining) Ray: a private local Ray on loopback, or an existing cluster."""
 
 from __future__ import annotations
 
@@ -69,7 +69,6 @@ def quiet_ray(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter prints nothing
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs show in the dashboard
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # toolbox says what failed, in one line
@@ -77,8 +76,9 @@ def quiet_ray(verbose: bool = False) -> None:
 
 
 def _set_up_local_ray(log_monitor: bool) -> None:
-    """Make every server of the local Ray listen on 127.0.0.1 and on ports chosen free, and start
-    Ray's log monitor only when ``log_monitor`` (it only forwards worker output to the driver).
+    """Make every server of the local Ray listen on 127.0.0.1 and on ports chosen free, start Ray's
+    log monitor only when ``log_monitor`` (it only forwards worker output to the driver), and never
+    the autoscaler's monitor (a private Ray has no nodes to add).
 
     Ray binds GCS, the raylet, workers and the dashboard agent to loopback only when the node's IP
     is loopback, which on Linux it allows only in its single-machine mode (the switch below, read
@@ -111,7 +111,7 @@ def _set_up_local_ray(log_monitor: bool) -> None:
     base = ray._private.parameter.RayParams
     if not getattr(base, "toolbox_local_ray", False):
 
-        class RayParams(base):  # ray.init takes neither the agent's HTTP port (fixed 52365) nor the log monitor switch
+        class RayParams(base):  # ray.init takes neither the agent's HTTP port (fixed 52365) nor the monitors' switches
             toolbox_local_ray = True
             log_monitor = True
 
@@ -119,6 +119,7 @@ def _set_up_local_ray(log_monitor: bool) -> None:
                 if kwargs.get("gcs_address") is None:
                     kwargs.setdefault("dashboard_agent_listen_port", free_port())
                     kwargs.setdefault("include_log_monitor", type(self).log_monitor)
+                    kwargs.setdefault("no_monitor", True)  # the autoscaler's monitor: a private Ray adds no nodes
                 super().__init__(*args, **kwargs)
 
         ray._private.parameter.RayParams = base = RayParams
@@ -140,7 +141,7 @@ def start(
 
     A local Ray binds every port to 127.0.0.1 (the dashboard to ``dashboard_host``) and points
     ``RAY_API_SERVER_ADDRESS`` at its dashboard: without that, Train-in-Tune leaks a worker CPU at
-    every trial end and the sweep waits forever (ray-project/ray#54305, RAY-NOTES trap 8). The
+    every trial end and the sweep waits forever (ray-project/ray#54305). The
     driver's job is named ``job_name`` on the dashboard's Jobs page.
     """
     import ray
@@ -154,6 +155,7 @@ def start(
             # Ray read its config when it was imported: have it read it again, as its own token setup does.
             os.environ["RAY_AUTH_MODE"] = "token"
             ray._raylet.Config.initialize("")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs show in the cluster's dashboard
         try:
             with signals.taking_sigterm_in_ray_init():
                 ray.init(
@@ -167,11 +169,15 @@ def start(
             raise ConfigError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]})") from None
         return None
     dashboard = dashboard and dashboard_available()
+    # Train runs show in the dashboard through a state actor of their own: none where no dashboard shows them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1" if dashboard else "0")
     port = free_port()
     if dashboard:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox (trap 3)
+    os.environ["PYTHONPATH"] = pythonpath  # workers must import toolbox: the runtime env gives them no other path to it
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine has no node to be preempted
+    # Train's controller takes one report per poll of its workers: short epochs were said, and a run ended, seconds late.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     _set_up_local_ray(log_monitor=verbose)
     with signals.taking_sigterm_in_ray_init():
         ray.init(
@@ -187,8 +193,9 @@ def start(
             configure_logging=True,
             resources=extra_resources or None,
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-            # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps.
-            _system_config={"event_stats": False},
+            # Per-handler timing in every Ray process's event loop, read only by Ray's debug dumps; and no idle
+            # workers started with the driver, which no trial or task of ours can use (they lack its runtime env).
+            _system_config={"event_stats": False, "prestart_worker_first_driver": False},
         )
     node = ray._private.worker._global_node
     _own_session[:] = [(node.get_session_dir_path(), verbose)]

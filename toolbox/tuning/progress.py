@@ -35,6 +35,8 @@ class Progress(tune.Callback):
     def on_step_begin(self, iteration, trials, **info):
         if self.done is None:  # a re-run restores the trials that finished before it
             self.done = sum(t.status in ("TERMINATED", "ERROR") and in_space(self.sweep, t.config) for t in trials)
+            if self.done:
+                log.info("%d of %d trials had finished before this run", self.done, self.sweep.total_trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()

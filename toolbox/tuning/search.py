@@ -12,7 +12,7 @@ from toolbox.tuning.sweepfile import Sweep, candidate_params
 
 
 def search_algorithm(sweep: Sweep, max_concurrent: int, start_from: tuple[list[dict], list[float]] = ((), ())):
-    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given (trap 9).
+    """Concurrency is bounded on the searcher: Tune ignores max_concurrent_trials when one is given.
 
     ``start_from``: points already evaluated and their values (``--grow-from``), which Optuna's study starts with."""
     seed = sweep.base.get("seed", 0)

@@ -21,7 +21,7 @@ from toolbox.training.failures import deterministic_cause, fail_once
 from toolbox.tuning.sweepfile import Sweep
 from toolbox.tuning.trial_dirs import keep_as_best, recover_best
 
-# Custom resource that the Train-in-Tune trial function holds instead of a CPU (RAY-NOTES trap 8).
+# Custom resource that the Train-in-Tune trial function holds instead of a CPU: one it held leaked at the trial's end.
 TRAIN_DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
 
 
