@@ -251,8 +251,8 @@ def _lean_trainer(ray_ends_with_driver: bool):
       retry would again (``DeterministicFailure``).
     - With ``ray_ends_with_driver``, no placement-group cleaner and no autoscaling coordinator. The
       cleaner removes a dead controller's placement group, which the driver's exit does here too (a
-      sweep's trials keep it: without it Train-in-Tune leaks a CPU at each trial's end). The coordinator passes resource requests
-      on to an autoscaler, which a private local Ray does not have."""
+      sweep's trials keep it: without it Train-in-Tune leaks a CPU at each trial's end). The
+      coordinator passes resource requests on to an autoscaler, which a private local Ray does not have."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback, StateManagerCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
