@@ -246,10 +246,10 @@ def test_a_killed_trial_retries_from_its_own_checkpoint_and_the_results_count_it
     cli = Cli("sweep", str(path), "--storage", str(tmp_path))
     exp_dir = tmp_path / "faults"
 
-    def epochs_of_both() -> list[list[int]]:
-        return [logged_epochs(d) if (d / "training.log").exists() else [] for d in trial_dirs(exp_dir)]
+    def epochs_of_both() -> list[list[dict]]:
+        return [read_rows(d) for d in trial_dirs(exp_dir)]
 
-    # Both trials past their first epoch, so that whichever is killed retries from a checkpoint.
+    # Both trials' first epoch in their tables (written after its log line), so that whichever is killed retries from it.
     deadline = time.time() + 240
     while time.time() < deadline and not (len(epochs_of_both()) == 2 and all(epochs_of_both())):
         time.sleep(0.2)
