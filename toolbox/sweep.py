@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         signals.say_end(_ended(how, args))
         return code
     except Exception as exc:  # noqa: BLE001 - Ray's and the disk's errors: one line, not a traceback
-        kept = (
-            f"; {args.exp.path} keeps every finished trial and every trial's checkpoints" if getattr(args, "lock", None) else ""
-        )
+        kept = f"; {_kept(args)}" if getattr(args, "lock", None) else ""
         print(f"toolbox.sweep: failed: {describe_failure(exc)}{kept}", file=sys.stderr)
         return 1
     finally:
@@ -361,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ended(how: str, args: argparse.Namespace | None) -> str:
     """The last line of a sweep that was interrupted, or lost its Ray, before its table."""
-    kept = (
-        f"{args.exp.path} keeps every finished trial and every trial's checkpoints"
-        if getattr(args, "exp", None)
-        else "nothing had started"
-    )
+    kept = _kept(args) if getattr(args, "exp", None) else "nothing had started"
     return f"toolbox.sweep: {how}: {kept}; re-run the same command to continue"
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What the sweep dir keeps when the sweep ends before its table says how many trials finished."""
+    return f"{args.exp.path} keeps every finished trial and every trial's checkpoints"
 
 
 if __name__ == "__main__":
